@@ -1,0 +1,102 @@
+"""Model-input preprocessing shared by training and the deployed bundle.
+
+Kept free of torch so that ``lensforge predict`` and the server run it with
+NumPy and Pillow only. Training uses the same two steps: :func:`resize_to_input`
+once when the data set is decoded (images are then held as uint8 tensors), and
+normalisation per batch with the same mean/std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a model input; stored in every run and bundle manifest.
+
+    Attributes:
+        input_size: (height, width) in pixels.
+        channels: 3 for RGB, 1 for grayscale ("L").
+        mean, std: per-channel normalisation, applied to pixels scaled to [0, 1].
+        interpolation: resize filter name (see ``INTERPOLATIONS``).
+    """
+
+    input_size: tuple[int, int] = (32, 32)
+    channels: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    resize: str = "squash"  # squash to input_size; aspect ratio is not kept
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+
+    @property
+    def mode(self) -> str:
+        return "RGB" if self.channels == 3 else "L"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(
+            input_size=tuple(d["input_size"]),
+            channels=int(d["channels"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+            interpolation=d.get("interpolation", "bilinear"),
+            resize=d.get("resize", "squash"),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+def resize_to_input(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Convert to the colour mode and resize; returns uint8 (C, H, W)."""
+    if img.mode != pre.mode:
+        img = img.convert(pre.mode)
+    height, width = pre.input_size
+    if img.size != (width, height):
+        img = img.resize((width, height), INTERPOLATIONS[pre.interpolation])
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def array_to_image(arr: np.ndarray) -> Image.Image:
+    """uint8 (H, W), (H, W, C) or (C, H, W) with C in {1, 3} -> Pillow image."""
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8)))
+
+
+def normalize(batch_uint8: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """uint8 (N, C, H, W) -> float32 normalised model input."""
+    mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return (batch_uint8.astype(np.float32) / 255.0 - mean) / std
