@@ -39,7 +39,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
-    resize: str = "squash"  # squash to input_size; aspect ratio is not kept
+    crop_pct: float = 1.0  # < 1: resize the short side to size / crop_pct, then centre-crop (timm eval)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -49,6 +49,8 @@ class Preprocess:
             raise ValueError("mean and std need one value per channel")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        if not 0.1 <= self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in [0.1, 1], not {self.crop_pct}")
 
     @property
     def mode(self) -> str:
@@ -68,18 +70,25 @@ class Preprocess:
             mean=tuple(d["mean"]),
             std=tuple(d["std"]),
             interpolation=d.get("interpolation", "bilinear"),
-            resize=d.get("resize", "squash"),
+            crop_pct=float(d.get("crop_pct", 1.0)),
             extra=dict(d.get("extra", {})),
         )
 
 
 def resize_to_input(img: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Convert to the colour mode and resize; returns uint8 (C, H, W)."""
+    """Convert to the colour mode and resize (squash, or short side + centre crop); uint8 (C, H, W)."""
     if img.mode != pre.mode:
         img = img.convert(pre.mode)
     height, width = pre.input_size
-    if img.size != (width, height):
-        img = img.resize((width, height), INTERPOLATIONS[pre.interpolation])
+    resample = INTERPOLATIONS[pre.interpolation]
+    if pre.crop_pct < 1.0:
+        scale = max(height, width) / pre.crop_pct / min(img.size)
+        resized = (max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale)))
+        img = img.resize(resized, resample)
+        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+        img = img.crop((left, top, left + width, top + height))
+    elif img.size != (width, height):
+        img = img.resize((width, height), resample)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -1,0 +1,215 @@
+"""The ``lensforge`` command line: a thin Typer shell over the Python API.
+
+Each command parses its options, calls one API function and prints. A
+:class:`~lensforge.errors.LensforgeError` becomes a one-line message and exit
+code 2 for usage errors (1 otherwise); ``--debug`` shows the traceback.
+Heavy modules are imported inside commands so ``lensforge predict`` never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lensforge.errors import LensforgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich",
+                  help="lensforge: from raw images to a measured, deployable vision model.\n\n"
+                       "Start with [bold]lensforge autopilot[/] (built-in digits data, a few minutes on a CPU).")
+err = Console(stderr=True)
+out = Console()
+
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", "-d", help="builtin:digits, builtin:shapes?n=5000&size=32, a folder (root/<class>/*.png) or a CSV/JSONL manifest.")]
+
+
+class BadImage(str, Enum):
+    fail = "fail"
+    skip = "skip"
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    """Global options."""
+
+
+@app.command()
+def train(
+    data: DataOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name ('auto', tinycnn_s, resnet18, tf_efficientnet_lite0, any timm name).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder to write (runs/NAME).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (e.g. a run's config.yaml); flags override it.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (early stopping may end sooner).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: 2e-3 for AdamW at batch 128).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd.")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="onecycle, cosine or constant.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: from model and data).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Weights: a .safetensors/.pth path, 'package' (EfficientNet-Lite0) or 'hub'.")] = None,
+    transfer: Annotated[Optional[str], typer.Option(help="With pretrained weights: full, linear or gradual.")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="auto, none, light or strong.")] = None,
+    mixup: Annotated[Optional[float], typer.Option(help="Mixup alpha (0 = off).")] = None,
+    cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha (0 = off).")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep an EMA of the weights and evaluate it.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (splits, init, order, augmentation).")] = None,
+    on_bad_image: Annotated[Optional[BadImage], typer.Option(help="What to do with unreadable images.")] = None,
+    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Also log to TensorBoard.")] = None,
+    max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a classifier into a run folder (checkpoints, metrics, health, report)."""
+    from lensforge.report import write_report
+    from lensforge.train import resolve_config
+    from lensforge.train import train as train_api
+
+    cfg = resolve_config(config, data=data, model=model, out=out_dir, epochs=epochs, batch_size=batch_size,
+                         lr=lr, optimizer=optimizer, schedule=schedule, image_size=image_size,
+                         pretrained=pretrained, transfer=transfer, augment=augment, mixup=mixup, cutmix=cutmix,
+                         ema=ema, seed=seed, on_bad_image=on_bad_image.value if on_bad_image else None,
+                         tensorboard=tensorboard, max_train_batches=max_train_batches)
+    if resume and out_dir is None and config is None:
+        raise typer.BadParameter("--resume needs --out RUN_FOLDER", param_hint="--resume")
+    result = train_api(cfg, resume=resume, console=err, show_progress=not quiet)
+    report = write_report(result.run_dir)
+    out.print(f"run: {result.run_dir}  best val acc {result.best_val_acc:.2%}  report: {report}")
+
+
+@app.command()
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="Run folder or bundle folder.")],
+    data: DataOpt = None,
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics here.")] = None,
+    on_bad_image: Annotated[BadImage, typer.Option(help="What to do with unreadable images.")] = BadImage.fail,
+) -> None:
+    """Accuracy, macro-F1, per-class precision/recall, confusion matrix, ECE and worst mistakes."""
+    from lensforge.evaluate import evaluate as evaluate_api
+    from lensforge.utils.io import atomic_write_json
+
+    result = evaluate_api(target, data, split=split, on_bad_image=on_bad_image.value)
+    m = result.metrics
+    if json_out:
+        atomic_write_json(json_out, m)
+    out.print(f"{m['evaluated']} '{target}' on {m['split']} ({m['num_samples']} images): accuracy {m['accuracy']:.2%}  "
+              f"macro-F1 {m['macro_f1']:.3f}  ECE {m['ece']:.3f}")
+    worst = ", ".join(f"{c['name']} (recall {c['recall']:.0%})" for c in m["worst_classes"][:3])
+    out.print(f"worst classes: {worst}")
+    if result.path:
+        out.print(f"written: {result.path}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    atol: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| logit difference allowed.")] = 1e-3,
+) -> None:
+    """Export a run to RUN/bundle: model.onnx (logits + features) and manifest.json."""
+    from lensforge.deploy.from_run import export_run
+
+    if format != "onnx":
+        raise typer.BadParameter(f"unknown format {format!r} (only onnx for now)", param_hint="--format")
+    bundle = export_run(run, atol=atol)
+    out.print(f"bundle: {bundle}")
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 5,
+    on_bad_image: Annotated[BadImage, typer.Option(help="What to do with unreadable images.")] = BadImage.fail,
+) -> None:
+    """Predict with ONNX Runtime only (no torch); prints one JSON line per image."""
+    from lensforge.deploy.bundle import load_bundle
+    from lensforge.deploy.predict import predict_files
+
+    loaded = load_bundle(bundle)
+    for row in predict_files(loaded, images, top_k=top_k, on_bad_image=on_bad_image.value):
+        sys.stdout.write(json.dumps(row) + "\n")
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
+    """(Re)write RUN/report.html from the run's files."""
+    from lensforge.report import write_report
+    from lensforge.train.run import read_run_info
+
+    read_run_info(run)
+    out.print(f"report: {write_report(run)}")
+
+
+@app.command()
+def autopilot(
+    data: DataOpt = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default runs/autopilot, runs/autopilot-2, ...).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name or 'auto'.")] = "auto",
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """The main job: split, pick a model, train, export, evaluate the bundle, report. No arguments needed."""
+    from lensforge.autopilot import autopilot as autopilot_api
+
+    result = autopilot_api(data, out_dir, model=model, epochs=epochs, seed=seed, console=err,
+                           show_progress=not quiet)
+    s = result.summary
+    t = s["metrics"]["test"]
+    out.print(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test accuracy "
+              f"{t['accuracy']:.2%}, macro-F1 {t['macro_f1']:.3f}, ECE {t['ece']:.3f} (measured on the ONNX bundle)")
+    out.print(f"report:  {s['report']}\nbundle:  {s['bundle']}\nsummary: {result.out / 'summary.json'}")
+
+
+class Kind(str, Enum):
+    models = "models"
+    sources = "sources"
+    tasks = "tasks"
+
+
+@app.command("list")
+def list_cmd(
+    kind: Annotated[Kind, typer.Argument(help="What to list.")],
+    pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'resnet*'.")] = "*",
+) -> None:
+    """List registered models, data sources or tasks."""
+    if kind is Kind.models:
+        from lensforge.models import list_models
+
+        names = list_models(pattern)
+    elif kind is Kind.sources:
+        from lensforge.data import list_sources
+
+        names = list_sources(pattern)
+    else:
+        from lensforge.tasks import TASKS
+
+        names = TASKS.list(pattern)
+    out.print("\n".join(names) if names else f"no {kind.value} match {pattern!r}")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning our errors into one-line messages."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except LensforgeError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Decode a source once into an in-memory uint8 image table sized for the model.
+
+Small data sets (the common case for our users) are decoded, converted and
+resized a single time, then held as one (N, C, H, W) uint8 array; training then
+normalises and augments whole batches with tensor ops, which is what keeps a
+2-core CPU busy with the model instead of with JPEG decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lensforge.data.preprocess import Preprocess, resize_to_input
+from lensforge.data.sources import SampleRecord, Source, is_image_name
+from lensforge.errors import DataError, UsageError
+from lensforge.tasks import get_task
+
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+@dataclass
+class ImageTable:
+    """Decoded samples: images (N, C, H, W) uint8, targets, origins and fixed splits."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    origins: list[str]
+    fixed_splits: list[str | None]
+    class_names: list[str]
+    task: str
+    preprocess: Preprocess
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def subset(self, indices: np.ndarray) -> ImageTable:
+        return ImageTable(self.images[indices], self.targets[indices],
+                          [self.origins[i] for i in indices],
+                          [self.fixed_splits[i] for i in indices],
+                          self.class_names, self.task, self.preprocess)
+
+
+def _decode_one(source: Source, record: SampleRecord, pre: Preprocess) -> np.ndarray:
+    if source.arrays is None and not is_image_name(record.origin):
+        suffix = os.path.splitext(record.origin)[1] or "no suffix"
+        raise DataError(f"{record.origin}: not an image file ({suffix})")
+    return resize_to_input(source.load(record, pre.mode), pre)
+
+
+def load_table(
+    source: Source,
+    pre: Preprocess,
+    *,
+    on_bad_image: str = "fail",
+    progress: Callable[[int], None] | None = None,
+) -> ImageTable:
+    """Decode every record of ``source`` with ``pre``; bad images fail or are skipped and listed."""
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise UsageError(f"--on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, not {on_bad_image!r}")
+    task = get_task(source.task)
+    records = source.records
+    images: list[np.ndarray | None] = [None] * len(records)
+    skipped: list[dict[str, str]] = []
+
+    def work(i: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            return i, _decode_one(source, records[i], pre), None
+        except DataError as e:
+            return i, None, str(e)
+
+    workers = 1 if source.arrays is not None else min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, image, error in pool.map(work, range(len(records)), chunksize=64):
+            if error is not None:
+                if on_bad_image == "fail":
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise DataError(f"{error} (use --on-bad-image skip to skip bad files)")
+                skipped.append({"origin": records[i].origin, "reason": error})
+            images[i] = image
+            if progress is not None:
+                progress(1)
+    keep = [i for i, image in enumerate(images) if image is not None]
+    if not keep:
+        raise DataError(f"no readable images in '{source.spec}' ({len(skipped)} bad files skipped)")
+    stacked = np.stack([images[i] for i in keep])
+    return ImageTable(
+        images=stacked,
+        targets=task.collate([records[i].target for i in keep]),
+        origins=[records[i].origin for i in keep],
+        fixed_splits=[records[i].split for i in keep],
+        class_names=list(source.class_names),
+        task=source.task,
+        preprocess=pre,
+        skipped=skipped,
+    )

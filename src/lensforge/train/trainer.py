@@ -1,0 +1,243 @@
+"""``train(cfg)``: data -> model -> epochs -> run folder, with checkpoints and resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+from torch import nn
+
+from lensforge.data.sources import open_source
+from lensforge.data.splits import Splits, load_splits, make_splits
+from lensforge.data.table import ImageTable, load_table
+from lensforge.errors import UsageError
+from lensforge.models.registry import count_params
+from lensforge.train.augment import policy_for
+from lensforge.train.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lensforge.train.config import TrainConfig, dump_config, load_config_file, make_config
+from lensforge.train.diagnosis import diagnose_fit
+from lensforge.train.health import GradientHealthMonitor
+from lensforge.train.loop import Batches, LoopState, StepContext, evaluate_batches, run_epoch, snapshot
+from lensforge.train.optim import apply_transfer, build_optimizer
+from lensforge.train.progress import TrainProgress
+from lensforge.train.run import WEIGHTS_FILE, now_iso, update_run_info, versions
+from lensforge.train.setup import Resolved, build_model, resolve
+from lensforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands to the next stage."""
+
+    run_dir: Path
+    model: nn.Module
+    table: ImageTable
+    splits: Splits
+    history: list[dict[str, Any]]
+    best_val_acc: float
+    resolved: Resolved
+    timings_s: dict[str, float]
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    run_dir = Path(cfg.out)
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.exists():
+            raise UsageError(f"--resume: '{run_dir}' holds no run to resume (no config.yaml)")
+        return make_config(load_config_file(saved), where=str(saved))
+    if (run_dir / "run.json").exists() or saved.exists():
+        raise UsageError(f"'{run_dir}' already holds a run: pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def _load_data(cfg: TrainConfig, console: Console) -> tuple[Any, ImageTable, Splits, Resolved, nn.Module]:
+    source = open_source(cfg.data)
+    resolved = resolve(cfg, source)
+    model, pre = build_model(resolved, num_classes=len(source.class_names))
+    with TrainProgress.decoding(console, len(source.records)) as advance:
+        table = load_table(source, pre, on_bad_image=cfg.on_bad_image, progress=advance)
+    for bad in table.skipped:
+        console.print(f"[yellow]skipped[/] {bad['reason']}")
+    splits_path = Path(cfg.splits_file) if cfg.splits_file else Path(cfg.out) / "splits.json"
+    if splits_path.exists():
+        splits = load_splits(splits_path, table)
+    else:
+        splits = make_splits(table, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    resolved.batch_size = min(resolved.batch_size, len(splits.train))
+    return source, table, splits, resolved, model
+
+
+def _write_run_header(cfg: TrainConfig, source: Any, table: ImageTable, splits: Splits,
+                      resolved: Resolved, model: nn.Module) -> None:
+    run_dir = Path(cfg.out)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if not (run_dir / "splits.json").exists():
+        atomic_write_json(run_dir / "splits.json", splits.to_json(table))
+    if table.skipped:
+        atomic_write_json(run_dir / "bad_images.json", table.skipped)
+    update_run_info(
+        run_dir, name=run_dir.name, task=table.task, status="training", model=resolved.model_name,
+        pretrained=resolved.pretrained, data=source.spec, class_names=table.class_names,
+        preprocess=table.preprocess.to_dict(), params=count_params(model), created=now_iso(),
+        versions=versions(), split_sizes={k: int(len(splits.get(k))) for k in ("train", "val", "test")},
+        resolved={"image_size": resolved.image_size, "channels": resolved.channels, "lr": resolved.lr,
+                  "batch_size": resolved.batch_size, "augment": resolved.augment, "hflip": resolved.hflip,
+                  "transfer": resolved.transfer, "device": str(resolved.device), "amp_bf16": resolved.amp,
+                  "channels_last": resolved.channels_last})
+
+
+def _make_extras(cfg: TrainConfig, model: nn.Module, num_classes: int) -> tuple[Any, Any, nn.Module]:
+    from timm.loss import SoftTargetCrossEntropy
+
+    mixup, ema = None, None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    return mixup, ema, criterion
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None,
+          show_progress: bool = True) -> TrainResult:
+    """Train a model as ``cfg`` says, writing the run folder ``cfg.out``."""
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    cfg = _prepare_run_dir(cfg, resume)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    source, table, splits, resolved, model = _load_data(cfg, console)
+    timings = {"data": time.perf_counter() - started}
+    if not resume:
+        _write_run_header(cfg, source, table, splits, resolved, model)
+    model.to(resolved.device)
+    if resolved.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_batches = Batches(table, splits.train, resolved.batch_size, resolved.device, resolved.channels_last)
+    val_batches = Batches(table, splits.val if len(splits.val) else splits.train, 256, resolved.device,
+                          resolved.channels_last)
+    backbone_scale = cfg.backbone_lr_scale if resolved.pretrained else 1.0
+    optimizer = build_optimizer(model, cfg, resolved.lr, backbone_scale)
+    mixup, ema, criterion = _make_extras(cfg, model, len(table.class_names))
+    steps_per_epoch = train_batches.num_batches(drop_last=mixup is not None or len(train_batches) > resolved.batch_size * 4)
+    if cfg.max_train_batches:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
+    monitor = GradientHealthMonitor(model, every_n_steps=cfg.health_every)
+    state = LoopState()
+    if resume and (Path(cfg.out) / "checkpoints" / "latest.json").exists():
+        state = _restore(Path(cfg.out), model, optimizer, ema, monitor)
+        console.print(f"resuming [bold]{cfg.out}[/] after epoch {state.epoch}")
+    ctx = StepContext(model, optimizer, criterion, monitor, cfg, state, steps_per_epoch * cfg.epochs,
+                      int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device, mixup, ema)
+    _fit(ctx, train_batches, val_batches, resolved, console, show_progress)
+    timings["train"] = time.perf_counter() - started - timings["data"]
+    final = _finish(ctx, resolved, table, timings)
+    return TrainResult(Path(cfg.out), final, table, splits, state.history, state.best_val_acc, resolved, timings)
+
+
+def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
+             monitor: GradientHealthMonitor) -> LoopState:
+    ckpt = load_checkpoint(run_dir)
+    model.load_state_dict(ckpt.model)
+    optimizer.load_state_dict(ckpt.optimizer)
+    if ema is not None and ckpt.ema is not None:
+        ema.module.load_state_dict(ckpt.ema)
+    monitor.load_state_dict(ckpt.state["monitor"])
+    set_rng_state(ckpt.state["rng"])
+    return LoopState(**ckpt.state["loop"])
+
+
+def _fit(ctx: StepContext, train_batches: Batches, val_batches: Batches, resolved: Resolved,
+         console: Console, show_progress: bool) -> None:
+    cfg, state, run_dir = ctx.cfg, ctx.state, Path(ctx.cfg.out)
+    policy = policy_for(resolved.augment, resolved.image_size, resolved.hflip)
+    good = {**snapshot(ctx.model, ctx.optimizer), "epoch": state.epoch}
+    writer = _tensorboard(run_dir) if cfg.tensorboard else None
+    with TrainProgress(console, cfg.epochs, ctx.total_steps // cfg.epochs, enabled=show_progress) as bar:
+        bar.start_at(state.epoch)
+        for epoch in range(state.epoch, cfg.epochs):
+            apply_transfer(ctx.model, resolved.transfer if resolved.pretrained else "full", epoch, cfg.epochs)
+            row = run_epoch(ctx, train_batches, policy, epoch, good, on_batch=bar.batch)
+            eval_model = ctx.ema.module if ctx.ema is not None else ctx.model
+            row["val_loss"], row["val_acc"] = evaluate_batches(eval_model, val_batches, resolved.amp)
+            row = {"epoch": epoch + 1, "step": state.step, **row,
+                   "lr": ctx.optimizer.param_groups[-1]["lr"]}
+            state.history.append(row)
+            state.epoch = epoch + 1
+            if row["val_acc"] > state.best_val_acc:
+                state.best_val_acc, state.best_epoch = row["val_acc"], epoch + 1
+                _save_weights(run_dir / "best.safetensors", eval_model)
+            _end_of_epoch(ctx, run_dir, writer)
+            good = {**snapshot(ctx.model, ctx.optimizer), "epoch": state.epoch}
+            bar.epoch_done(row, console)
+            if cfg.early_stopping and state.epoch - state.best_epoch >= cfg.early_stopping:
+                console.print(f"early stop: no val improvement for {cfg.early_stopping} epochs")
+                break
+
+
+def _end_of_epoch(ctx: StepContext, run_dir: Path, writer: Any) -> None:
+    state = ctx.state
+    lines = "".join(__import__("json").dumps(r) + "\n" for r in state.history)
+    atomic_write_text(run_dir / "metrics.jsonl", lines)
+    atomic_write_json(run_dir / "health.json", ctx.monitor.to_json())
+    save_checkpoint(run_dir, Checkpoint(
+        epoch=state.epoch, model=ctx.model.state_dict(), optimizer=ctx.optimizer.state_dict(),
+        ema=ctx.ema.module.state_dict() if ctx.ema is not None else None,
+        state={"loop": state.to_json(), "monitor": ctx.monitor.state_dict(), "rng": rng_state()}))
+    if writer is not None:
+        for key, value in state.history[-1].items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, state.epoch)
+        writer.flush()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'lensforge[tensorboard]'") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _save_weights(path: Path, model: nn.Module) -> None:
+    from safetensors.torch import save as save_bytes
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save_bytes(tensors))
+
+
+def _finish(ctx: StepContext, resolved: Resolved, table: ImageTable, timings: dict[str, float]) -> nn.Module:
+    """Load the best epoch's weights, write final weights, diagnosis and run.json."""
+    from safetensors.torch import load_file
+
+    run_dir, state = Path(ctx.cfg.out), ctx.state
+    final = ctx.ema.module if ctx.ema is not None else ctx.model
+    final.load_state_dict(load_file(run_dir / "best.safetensors"))
+    final.eval()
+    _save_weights(run_dir / WEIGHTS_FILE, final)
+    fit = diagnose_fit(state.history, num_classes=len(table.class_names))
+    diagnosis = {"fit": [{"kind": d.kind, "message": d.message, "suggestions": list(d.suggestions)} for d in fit],
+                 "health": ctx.monitor.diagnosis()}
+    atomic_write_json(run_dir / "diagnosis.json", diagnosis)
+    atomic_write_json(run_dir / "health.json", ctx.monitor.to_json())
+    update_run_info(run_dir, status="complete", best_epoch=state.best_epoch, best_val_acc=state.best_val_acc,
+                    epochs_run=state.epoch, timings_s={k: round(v, 2) for k, v in timings.items()})
+    return final
+
+
+__all__ = ["TrainResult", "train", "save_file"]

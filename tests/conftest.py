@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny image folders written with Pillow, and one thread for torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import write_image_folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:
+        pass
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "imgs")
