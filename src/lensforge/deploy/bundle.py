@@ -1,0 +1,231 @@
+"""Load and verify a bundle: the self-describing folder that ships (NumPy + ONNX Runtime only).
+
+A bundle is ``manifest.json`` plus the files it lists with their SHA-256 and size
+(``model.onnx`` first; later stages add OOD and drift files). This module never
+imports torch: ``lensforge predict`` and the server run on it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from lensforge.data.preprocess import Preprocess, normalize
+from lensforge.errors import ArtifactError, UsageError
+from lensforge.utils.io import sha256_file
+
+BUNDLE_FORMAT = "lensforge-bundle"
+FORMAT_VERSION = 1  # bump when a reader of the old version would misread a new bundle
+MANIFEST_NAME = "manifest.json"
+MODEL_FILE = "model.onnx"
+_REQUIRED_KEYS = ("task", "class_names", "preprocess", "inputs", "outputs", "files")
+
+
+def bundle_file_hashes(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """``{relative/posix/path: {"sha256", "bytes"}}`` for every file in ``folder`` but the manifest."""
+    folder = Path(folder)
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
+        hashes[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return hashes
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a folder whose manifest.json says it is a lensforge bundle (no hashing)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse and sanity-check ``path/manifest.json``; raises :class:`ArtifactError`."""
+    where = f"bundle {path}"
+    folder = Path(path)
+    if not folder.is_dir():
+        why = "no such folder" if not folder.exists() else "not a folder"
+        raise ArtifactError(f"{where}: {why}, not a lensforge bundle")
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{where}: no {MANIFEST_NAME}, not a lensforge bundle")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where}: cannot read {MANIFEST_NAME} ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{where}: {MANIFEST_NAME} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ArtifactError(f"{where}: {MANIFEST_NAME} format is {found!r}, not {BUNDLE_FORMAT!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where}: format_version {version!r} is not one this lensforge reads "
+            f"(<= {FORMAT_VERSION}); upgrade lensforge"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{where}: {MANIFEST_NAME} lacks {', '.join(missing)}")
+    if not isinstance(manifest["files"], dict) or MODEL_FILE not in manifest["files"]:
+        raise ArtifactError(f"{where}: {MANIFEST_NAME} does not list {MODEL_FILE}")
+    return manifest
+
+
+def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists exists with the recorded size and SHA-256."""
+    folder = Path(path)
+    for name, entry in manifest["files"].items():
+        file = _listed_file(folder, name, path)
+        expected_sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(expected_sha, str):
+            raise ArtifactError(f"bundle {path}: {MANIFEST_NAME} has no sha256 for {name}")
+        if not file.is_file():
+            raise ArtifactError(f"bundle {path}: {name} is missing (listed in {MANIFEST_NAME})")
+        size, expected_size = file.stat().st_size, entry.get("bytes")
+        if expected_size is not None and size != expected_size:
+            raise ArtifactError(
+                f"bundle {path}: {name} size mismatch (expected {expected_size} bytes, "
+                f"got {size}): the file was altered or damaged"
+            )
+        actual_sha = sha256_file(file)
+        if actual_sha != expected_sha:
+            raise ArtifactError(
+                f"bundle {path}: {name} sha256 mismatch (expected {expected_sha[:12]}..., "
+                f"got {actual_sha[:12]}...): the file was altered or damaged"
+            )
+
+
+def _listed_file(folder: Path, name: str, shown: Any) -> Path:
+    """Resolve a manifest file name, refusing absolute paths and ``..`` (untrusted bundles)."""
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\\" in name:
+        raise ArtifactError(f"bundle {shown}: {MANIFEST_NAME} lists an unsafe file name {name!r}")
+    return folder.joinpath(*rel.parts)
+
+
+class Bundle:
+    """A loaded bundle: manifest, preprocessing, class names and a lazy ONNX Runtime session."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        manifest: dict[str, Any],
+        *,
+        intra_op_num_threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        where = f"bundle {path}"
+        try:
+            self.preprocess = Preprocess.from_dict(manifest["preprocess"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: invalid preprocess in {MANIFEST_NAME} ({e})") from None
+        names = manifest["class_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ArtifactError(f"{where}: class_names must be a non-empty list of strings")
+        self.class_names: list[str] = names
+        temperature = manifest.get("temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ArtifactError(
+                f"{where}: temperature must be a positive number, not {temperature!r}"
+            )
+        self.temperature = float(temperature)
+        try:
+            self.input_name = str(manifest["inputs"][0]["name"])
+        except (KeyError, IndexError, TypeError):
+            raise ArtifactError(
+                f"{where}: inputs in {MANIFEST_NAME} must list the input name"
+            ) from None
+        self.intra_op_num_threads = intra_op_num_threads or _available_cores()
+        self._session: ort.InferenceSession | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, model={self.manifest.get('model')!r})"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The ONNX Runtime session, created on first use (CPU provider)."""
+        with self._lock:
+            if self._session is None:
+                self._session = self._create_session()
+            return self._session
+
+    def _create_session(self) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_num_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only; warnings about unused initializers are noise
+        model = self.path / MODEL_FILE
+        try:
+            return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises several unrelated types for a bad file
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(
+                f"bundle {self.path}: ONNX Runtime cannot load {MODEL_FILE} ({cause})"
+            ) from e
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised float32 (N, C, H, W) -> (logits (N, K), features (N, D))."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self._check_shape(batch)
+        logits, features = self.session.run(["logits", "features"], {self.input_name: batch})
+        return logits, features
+
+    def predict_uint8(self, batch_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, C, H, W) at the input size -> (logits, features), normalised like training."""
+        if not isinstance(batch_uint8, np.ndarray) or batch_uint8.dtype != np.uint8:
+            dtype = getattr(batch_uint8, "dtype", type(batch_uint8).__name__)
+            raise UsageError(f"predict_uint8 needs a uint8 array, not {dtype}")
+        self._check_shape(batch_uint8)
+        return self.run(normalize(batch_uint8, self.preprocess))
+
+    def _check_shape(self, batch: np.ndarray) -> None:
+        expected = (self.preprocess.channels, *self.preprocess.input_size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
+            raise UsageError(
+                f"bundle {self.path} expects a batch of shape (N, {', '.join(map(str, expected))}), "
+                f"got {tuple(batch.shape)}"
+            )
+
+
+def load_bundle(
+    path: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    intra_op_num_threads: int | None = None,
+) -> Bundle:
+    """Read a bundle's manifest and (by default) check every listed file's size and SHA-256.
+
+    Raises:
+        ArtifactError: not a bundle, unreadable manifest, a listed file missing or altered.
+    """
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    elif not (Path(path) / MODEL_FILE).is_file():
+        raise ArtifactError(f"bundle {path}: {MODEL_FILE} is missing (listed in {MANIFEST_NAME})")
+    return Bundle(path, manifest, intra_op_num_threads=intra_op_num_threads)
+
+
+def _available_cores() -> int:
+    # the cores this process may run on (containers and taskset), not every core of the host
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

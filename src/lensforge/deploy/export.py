@@ -1,0 +1,479 @@
+"""Export a timm-style model to ONNX, check it against PyTorch, and write a bundle.
+
+The dynamo exporter (``torch.export`` based) is tried first: it is the maintained
+path, and in our measurements gives the same or faster ONNX Runtime latency; the
+legacy TorchScript exporter is used only when dynamo fails, and the manifest says
+which one made the file. Exporter chatter is kept off the console; failures come
+back as one-line :class:`ExportError` messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lensforge.data.preprocess import Preprocess, normalize
+from lensforge.deploy.bundle import (
+    BUNDLE_FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MODEL_FILE,
+    bundle_file_hashes,
+    is_bundle,
+)
+from lensforge.errors import ExportError, UsageError
+from lensforge.utils.io import atomic_write_json, replace_dir
+
+log = logging.getLogger(__name__)
+OUTPUT_NAMES = ("logits", "features")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class LogitsAndFeatures(nn.Module):
+    """Wrap a timm-style model so ``forward`` returns ``(logits, penultimate features)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        for method in ("forward_features", "forward_head", "get_classifier"):
+            if not callable(getattr(model, method, None)):
+                raise UsageError(
+                    f"{type(model).__name__} has no {method}(): export needs timm's model interface"
+                )
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(features), features
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_onnx_result` made and how (recorded in the bundle manifest)."""
+
+    path: Path
+    dynamo: bool
+    opset: int
+    seconds: float
+    fallback_reason: str | None = None  # why dynamo failed, when the legacy exporter was used
+
+
+def export_onnx(
+    model: nn.Module, pre: Preprocess, path: str | os.PathLike[str], *, opset: int | None = None
+) -> Path:
+    """Export ``model`` to one self-contained ONNX file with a dynamic batch axis; returns its path.
+
+    Input "input" (float32, normalised, N x C x H x W); outputs "logits" and "features".
+    """
+    return export_onnx_result(model, pre, path, opset=opset).path
+
+
+def export_onnx_result(
+    model: nn.Module,
+    pre: Preprocess,
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    dynamo: bool | None = None,
+) -> ExportResult:
+    """Like :func:`export_onnx`, also saying which exporter and opset were used.
+
+    Args:
+        dynamo: None tries the dynamo exporter, then the legacy one if it fails;
+            True or False forces one.
+
+    Raises:
+        ExportError: every exporter tried failed (one-line cause of each).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
+    tries = [True, False] if dynamo is None else [dynamo]
+    causes: list[str] = []
+    for use_dynamo in tries:
+        start = time.perf_counter()
+        try:
+            _export_to(wrapper, pre, path, dynamo=use_dynamo, opset=opset)
+        except Exception as e:  # the exporters raise anything from deep inside torch
+            causes.append(f"{_exporter_name(use_dynamo)} exporter: {_one_line_cause(e)}")
+            log.debug("ONNX export with %s failed", _exporter_name(use_dynamo), exc_info=True)
+            continue
+        seconds = time.perf_counter() - start
+        fallback = causes[0] if causes else None
+        if fallback:
+            log.warning("dynamo export failed, used the legacy exporter (%s)", fallback)
+        return ExportResult(
+            path=path,
+            dynamo=use_dynamo,
+            opset=_read_opset(path),
+            seconds=seconds,
+            fallback_reason=fallback,
+        )
+    raise ExportError(f"cannot export {type(wrapper.model).__name__} to ONNX: {'; '.join(causes)}")
+
+
+def _export_to(
+    wrapper: LogitsAndFeatures, pre: Preprocess, path: Path, *, dynamo: bool, opset: int | None
+) -> None:
+    """One export attempt into a temp file, renamed over ``path`` only when complete."""
+    device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    # batch 2, not 1: exporters may specialise a size-1 dimension to a constant
+    example = torch.randn(2, pre.channels, *pre.input_size, generator=generator).to(device)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with _eval_mode(wrapper), _quiet_exporter():
+            if dynamo:
+                torch.onnx.export(
+                    wrapper, (example,), str(tmp), dynamo=True, external_data=False,
+                    input_names=["input"], output_names=list(OUTPUT_NAMES), opset_version=opset,
+                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                )  # fmt: skip
+            else:
+                axes = {name: {0: "batch"} for name in ("input", *OUTPUT_NAMES)}
+                torch.onnx.export(
+                    wrapper, (example,), str(tmp), dynamo=False, input_names=["input"],
+                    output_names=list(OUTPUT_NAMES), opset_version=opset, dynamic_axes=axes,
+                )  # fmt: skip
+        if Path(f"{tmp}.data").exists():
+            raise RuntimeError("the exporter wrote external weights (.onnx.data); model over 2 GB?")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.data").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside, each submodule's own train/eval flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Swallow exporter prints, warnings and logs, including C++ writes to file descriptors 1 and 2."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved: list[int] = []
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            saved = [os.dup(1), os.dup(2)]
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+        except OSError:  # no usable fds (embedded interpreters): Python-level silence only
+            saved = []
+        try:
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
+                yield
+        finally:
+            for stream in (sys.__stdout__, sys.__stderr__):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for fd, saved_fd in zip((1, 2), saved):
+                os.dup2(saved_fd, fd)
+                os.close(saved_fd)
+
+
+def _one_line_cause(error: BaseException) -> str:
+    """The root cause of an exporter error as one short line (exporters nest and colour theirs)."""
+    root, seen = error, {id(error)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    text = _ANSI.sub("", str(root)).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    line = f"{type(root).__name__}: {first}" if first else type(root).__name__
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def _exporter_name(dynamo: bool) -> str:
+    return "dynamo" if dynamo else "legacy"
+
+
+def _read_opset(path: Path) -> int:
+    import onnx  # only needed here; keeps the module import light
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    images_uint8: np.ndarray,
+    pre: Preprocess,
+    *,
+    atol: float = 1e-3,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Run PyTorch and ONNX Runtime on the same images and compare logits and features.
+
+    The first image runs alone and the rest in batches of ``batch_size``, so a
+    batch axis that is not really dynamic fails here rather than in production.
+
+    Returns:
+        {"max_abs_diff_logits", "max_abs_diff_features", "top1_agreement", "atol", "n_images"}.
+
+    Raises:
+        ExportError: ONNX Runtime cannot run the file, or logits differ by more than ``atol``.
+    """
+    _check_images(images_uint8, pre)
+    torch_out = _torch_outputs(model, images_uint8, pre, batch_size)
+    onnx_out = _onnx_outputs(Path(onnx_path), images_uint8, pre, batch_size)
+    for name, ours, theirs in zip(OUTPUT_NAMES, torch_out, onnx_out):
+        if ours.shape != theirs.shape:
+            raise ExportError(
+                f"ONNX {name} have shape {theirs.shape}, PyTorch {ours.shape} ({onnx_path})"
+            )
+    n = len(images_uint8)
+    diff_logits = float(np.abs(torch_out[0] - onnx_out[0]).max())
+    result = {
+        "max_abs_diff_logits": diff_logits,
+        "max_abs_diff_features": float(np.abs(torch_out[1] - onnx_out[1]).max()),
+        "top1_agreement": float(np.mean(torch_out[0].argmax(1) == onnx_out[0].argmax(1))),
+        "atol": atol,
+        "n_images": n,
+    }
+    if not diff_logits <= atol:  # also catches NaN
+        raise ExportError(
+            f"ONNX logits differ from PyTorch by {_short(diff_logits)} (> atol {_short(atol)}) "
+            f"on {n} validation images"
+        )
+    return result
+
+
+def _check_images(images: np.ndarray, pre: Preprocess) -> None:
+    expected = (pre.channels, *pre.input_size)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise UsageError(
+            f"sample images must be a uint8 array, not {getattr(images, 'dtype', type(images))}"
+        )
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected or len(images) == 0:
+        raise UsageError(
+            f"sample images must have shape (N >= 1, {', '.join(map(str, expected))}) "
+            f"to match the preprocessing, not {images.shape}"
+        )
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    yield slice(0, 1)
+    for start in range(1, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _torch_outputs(
+    model: nn.Module, images: np.ndarray, pre: Preprocess, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    wrapper = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
+    device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
+    logits, features = [], []
+    with _eval_mode(wrapper), torch.inference_mode():
+        for part in _batches(len(images), batch_size):
+            x = torch.from_numpy(normalize(images[part], pre)).to(device)
+            out_logits, out_features = wrapper(x)
+            logits.append(out_logits.float().cpu().numpy())
+            features.append(out_features.float().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def _onnx_outputs(
+    path: Path, images: np.ndarray, pre: Preprocess, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    logits, features = [], []
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for part in _batches(len(images), batch_size):
+            out = session.run(list(OUTPUT_NAMES), {"input": normalize(images[part], pre)})
+            logits.append(out[0])
+            features.append(out[1])
+    except Exception as e:  # ORT has no common base exception
+        raise ExportError(f"ONNX Runtime cannot run {path}: {_one_line_cause(e)}") from e
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def _short(x: float) -> str:
+    """3.2e-2 rather than 0.032 or 3.2e-02."""
+    if x == 0 or not np.isfinite(x):
+        return str(x)
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def write_bundle(
+    model: nn.Module,
+    pre: Preprocess,
+    class_names: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    model_name: str,
+    sample_images: np.ndarray,
+    task: str = "classification",
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    atol: float = 1e-3,
+    opset: int | None = None,
+) -> Path:
+    """Export, check parity on ``sample_images`` and write a verified bundle folder atomically.
+
+    The bundle is built in a hidden sibling ``.bundle.tmp-*`` folder and moved into
+    place only when complete; on any failure the temp folder is removed and an
+    existing bundle at ``out_dir`` is left untouched.
+    """
+    out_dir = Path(out_dir)
+    class_names = _check_bundle_args(out_dir, class_names, sample_images, pre)
+    wrapper = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
+    logits_dims, feature_dims = _probe_dims(wrapper, sample_images[:2], pre)
+    if logits_dims != (len(class_names),):
+        raise UsageError(
+            f"model {model_name} outputs {logits_dims} logits but {len(class_names)} class names were given"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle.tmp-", dir=out_dir.parent))
+    try:
+        log.info("exporting %s to ONNX", model_name)
+        exported = export_onnx_result(wrapper, pre, tmp / MODEL_FILE, opset=opset)
+        log.info("checking ONNX against PyTorch on %d images", len(sample_images))
+        parity = check_parity(wrapper, exported.path, sample_images, pre, atol=atol)
+        manifest = _manifest(
+            task=task, model_name=model_name, class_names=class_names, pre=pre,
+            dims=(logits_dims, feature_dims), exported=exported, parity=parity,
+            metrics=metrics, extra=extra,
+        )  # fmt: skip
+        manifest["files"] = bundle_file_hashes(tmp)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle written to %s", out_dir)
+    return out_dir
+
+
+def _check_bundle_args(
+    out_dir: Path, class_names: Sequence[str], sample_images: np.ndarray, pre: Preprocess
+) -> list[str]:
+    """Fail fast (before a slow export) on arguments that cannot make a valid bundle."""
+    names = list(class_names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise UsageError("class_names must be a non-empty list of non-empty strings")
+    if len(set(names)) != len(names):
+        raise UsageError(
+            f"class_names has duplicates: {sorted({n for n in names if names.count(n) > 1})}"
+        )
+    _check_images(sample_images, pre)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder; choose another bundle path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_bundle(out_dir):
+        raise UsageError(f"{out_dir}: folder is not empty and not a bundle; refusing to replace it")
+    return names
+
+
+def _probe_dims(
+    wrapper: LogitsAndFeatures, images: np.ndarray, pre: Preprocess
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-image logits and feature shapes; also checks the wrapper reproduces ``model(x)``."""
+    device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
+    x = torch.from_numpy(normalize(images, pre)).to(device)
+    with _eval_mode(wrapper), torch.inference_mode():
+        logits, features = wrapper(x)
+        direct = wrapper.model(x)
+    if (
+        not isinstance(direct, torch.Tensor)
+        or direct.shape != logits.shape
+        or not torch.allclose(direct, logits, rtol=1e-4, atol=1e-5)
+    ):
+        raise ExportError(
+            f"{type(wrapper.model).__name__}: get_classifier()(forward_head(..., pre_logits=True)) "
+            "does not reproduce model(x); cannot export logits and features together"
+        )
+    return tuple(logits.shape[1:]), tuple(features.shape[1:])
+
+
+def _manifest(
+    *,
+    task: str,
+    model_name: str,
+    class_names: list[str],
+    pre: Preprocess,
+    dims: tuple[tuple[int, ...], tuple[int, ...]],
+    exported: ExportResult,
+    parity: dict[str, Any],
+    metrics: dict[str, Any] | None,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    logits_dims, feature_dims = dims
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "model": model_name,
+        "class_names": class_names,
+        "num_classes": len(class_names),
+        "preprocess": pre.to_dict(),
+        "inputs": [
+            {"name": "input", "shape": ["batch", pre.channels, *pre.input_size], "dtype": "float32"}
+        ],
+        "outputs": [
+            {"name": "logits", "shape": ["batch", *logits_dims]},
+            {"name": "features", "shape": ["batch", *feature_dims]},
+        ],
+        "exporter": {
+            "dynamo": exported.dynamo,
+            "opset": exported.opset,
+            "fallback_reason": exported.fallback_reason,
+        },
+        "parity": parity,
+        "metrics": metrics or {},
+        "temperature": 1.0,
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if extra:
+        manifest["extra"] = extra
+    return manifest
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for package in ("lensforge", "torch", "onnx", "onnxruntime", "timm"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,134 @@
+"""Classify image files with a bundle (no torch: Pillow, NumPy and ONNX Runtime only).
+
+Files are decoded safely, resized exactly as in training, batched, and turned into
+calibrated probabilities (softmax of logits / temperature). Rows come back in the
+order of the input files, errors included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lensforge.data.decode import IMAGE_SUFFIXES, decode_image
+from lensforge.data.preprocess import resize_to_input
+from lensforge.deploy.bundle import Bundle, load_bundle
+from lensforge.errors import DataError, UsageError
+
+PathLike = str | os.PathLike[str]
+ON_BAD_IMAGE = ("fail", "skip")
+
+
+def find_images(paths: PathLike | Iterable[PathLike]) -> list[Path]:
+    """Expand folders (recursively, image suffixes only, sorted); explicit files are kept as given.
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no image files.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            images = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
+            if not images:
+                raise DataError(
+                    f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                )
+            found.extend(images)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return found
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64 (stable for large logits)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def predict_files(
+    bundle: Bundle | PathLike,
+    paths: PathLike | Iterable[PathLike],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    on_bad_image: str = "fail",
+) -> Iterator[dict[str, Any]]:
+    """Yield one prediction row per image file, in input order.
+
+    Rows are ``{"path", "label", "class_index", "confidence", "top_k": [{"label", "prob"}]}``;
+    with ``on_bad_image="skip"`` an unreadable image gives ``{"path", "error"}`` instead.
+    Paths are checked before the first row, so a missing path raises at the call.
+
+    Raises:
+        DataError: a missing path, or a bad image with ``on_bad_image="fail"``.
+    """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise UsageError(f"on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
+    if top_k < 1 or batch_size < 1:
+        raise UsageError(f"top_k and batch_size must be >= 1 (got {top_k}, {batch_size})")
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    files = find_images(paths)
+    return _predict_rows(
+        bundle, files, top_k=top_k, batch_size=batch_size, skip=on_bad_image == "skip"
+    )
+
+
+def _predict_rows(
+    bundle: Bundle, files: list[Path], *, top_k: int, batch_size: int, skip: bool
+) -> Iterator[dict[str, Any]]:
+    pending: list[tuple[Path, np.ndarray]] = []
+    for path in files:
+        try:
+            pixels = resize_to_input(
+                decode_image(path, mode=bundle.preprocess.mode), bundle.preprocess
+            )
+        except DataError as e:
+            if not skip:
+                raise
+            # flush first so rows stay in input order
+            yield from _classify(bundle, pending, top_k)
+            pending = []
+            yield {"path": str(path), "error": str(e)}
+            continue
+        pending.append((path, pixels))
+        if len(pending) == batch_size:
+            yield from _classify(bundle, pending, top_k)
+            pending = []
+    yield from _classify(bundle, pending, top_k)
+
+
+def _classify(
+    bundle: Bundle, items: list[tuple[Path, np.ndarray]], top_k: int
+) -> Iterator[dict[str, Any]]:
+    if not items:
+        return
+    logits, _ = bundle.predict_uint8(np.stack([pixels for _, pixels in items]))
+    probs = softmax(logits, bundle.temperature)
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    for (path, _), row_probs, row_order in zip(items, probs, order):
+        best = int(row_order[0])
+        yield {
+            "path": str(path),
+            "label": bundle.class_names[best],
+            "class_index": best,
+            "confidence": float(row_probs[best]),
+            "top_k": [
+                {"label": bundle.class_names[int(i)], "prob": float(row_probs[i])}
+                for i in row_order
+            ],
+        }

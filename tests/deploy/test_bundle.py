@@ -1,0 +1,149 @@
+"""Bundle manifest, hashes, loading, and refusal of altered or incomplete bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+
+import numpy as np
+import pytest
+import torch
+
+from lensforge.data.preprocess import normalize
+from lensforge.deploy import is_bundle, load_bundle
+from lensforge.deploy.export import LogitsAndFeatures
+from lensforge.errors import ArtifactError, UsageError
+from lensforge.utils.io import sha256_file
+
+
+@pytest.fixture
+def bundle_copy(bundle, tmp_path):
+    """A private copy of the session bundle that a test may damage."""
+    return shutil.copytree(bundle.path, tmp_path / "bundle")
+
+
+def _edit_manifest(folder, **changes):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifest_describes_the_bundle(bundle, class_names):
+    manifest = json.loads((bundle.path / "manifest.json").read_text())
+    assert manifest["format"] == "lensforge-bundle" and manifest["format_version"] == 1
+    assert manifest["task"] == "classification" and manifest["model"] == "resnet10t"
+    assert manifest["class_names"] == class_names and manifest["num_classes"] == 4
+    assert manifest["preprocess"] == bundle.pre.to_dict()
+    assert manifest["inputs"] == [
+        {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
+    ]
+    assert manifest["outputs"] == [
+        {"name": "logits", "shape": ["batch", 4]},
+        {"name": "features", "shape": ["batch", bundle.model.num_features]},
+    ]
+    assert manifest["exporter"]["dynamo"] is True and manifest["exporter"]["opset"] >= 18
+    assert manifest["parity"]["n_images"] == len(bundle.images)
+    assert manifest["parity"]["atol"] == 1e-3
+    assert manifest["metrics"] == {"val_accuracy": 0.5}
+    assert manifest["extra"] == {"run": "unit-test"}
+    assert manifest["temperature"] == 1.0
+    assert set(manifest["versions"]) == {"lensforge", "torch", "onnx", "onnxruntime", "timm"}
+    assert datetime.fromisoformat(manifest["created"]).utcoffset().total_seconds() == 0
+    model_file = bundle.path / "model.onnx"
+    assert manifest["files"] == {
+        "model.onnx": {"sha256": sha256_file(model_file), "bytes": model_file.stat().st_size}
+    }
+    assert sorted(p.name for p in bundle.path.iterdir()) == ["manifest.json", "model.onnx"]
+
+
+def test_loaded_bundle_runs_like_the_pytorch_model(bundle, class_names):
+    loaded = load_bundle(bundle.path, intra_op_num_threads=1)
+    assert loaded.preprocess == bundle.pre
+    assert loaded.class_names == class_names and loaded.temperature == 1.0
+    assert loaded.session.get_session_options().intra_op_num_threads == 1
+    wrapper = LogitsAndFeatures(bundle.model).eval()
+    for batch_size in (1, 5):
+        images = bundle.images[:batch_size]
+        logits, features = loaded.predict_uint8(images)
+        with torch.inference_mode():
+            ref_logits, ref_features = wrapper(torch.from_numpy(normalize(images, bundle.pre)))
+        np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4)
+        np.testing.assert_allclose(features, ref_features.numpy(), atol=1e-4)
+        np.testing.assert_array_equal(loaded.run(normalize(images, bundle.pre))[0], logits)
+
+
+def test_bad_batches_are_usage_errors(bundle):
+    loaded = load_bundle(bundle.path, verify=False)
+    with pytest.raises(UsageError, match="uint8"):
+        loaded.predict_uint8(bundle.images.astype(np.float32))
+    with pytest.raises(UsageError, match=r"shape \(N, 3, 32, 32\)"):
+        loaded.run(np.zeros((2, 3, 16, 16), np.float32))
+
+
+def test_flipped_byte_is_a_sha256_mismatch(bundle_copy):
+    model = bundle_copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError) as info:
+        load_bundle(bundle_copy)
+    message = str(info.value)
+    assert "model.onnx sha256 mismatch" in message and "altered or damaged" in message
+    assert "\n" not in message and str(bundle_copy) in message
+    assert load_bundle(bundle_copy, verify=False).manifest["model"] == "resnet10t"
+
+
+def test_truncated_model_is_a_size_mismatch(bundle_copy):
+    model = bundle_copy / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="model.onnx size mismatch"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_model_is_reported(bundle_copy):
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="model.onnx is missing"):
+        load_bundle(bundle_copy)
+    with pytest.raises(ArtifactError, match="model.onnx is missing"):
+        load_bundle(bundle_copy, verify=False)
+
+
+def _list_extra_file(folder, name):
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    _edit_manifest(folder, files={**files, name: {"sha256": "0" * 64, "bytes": 1}})
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda b: (b / "manifest.json").write_text("{not json"), "not valid JSON"),
+        (lambda b: (b / "manifest.json").unlink(), "no manifest.json"),
+        (lambda b: _edit_manifest(b, format="other-tool"), "format is 'other-tool'"),
+        (lambda b: _edit_manifest(b, format_version=99), "format_version 99"),
+        (lambda b: _list_extra_file(b, "../outside.bin"), "unsafe file name '../outside.bin'"),
+        (lambda b: _list_extra_file(b, "ood.npz"), "ood.npz is missing"),
+        (lambda b: _edit_manifest(b, temperature=0), "temperature"),
+    ],
+)
+def test_damaged_manifest_is_an_artifact_error(bundle_copy, damage, match):
+    damage(bundle_copy)
+    with pytest.raises(ArtifactError, match=match):
+        load_bundle(bundle_copy)
+
+
+def test_paths_that_are_not_bundles(tmp_path):
+    (tmp_path / "file.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    for path, match in [
+        (tmp_path / "nowhere", "no such folder"),
+        (tmp_path / "file.txt", "not a folder"),
+        (tmp_path / "empty", "no manifest.json"),
+    ]:
+        assert not is_bundle(path)
+        with pytest.raises(ArtifactError, match=match):
+            load_bundle(path)
+
+
+def test_is_bundle(bundle):
+    assert is_bundle(bundle.path)
