@@ -13,7 +13,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 out = Console()
 
-DataOpt = Annotated[Optional[str], typer.Option(
+DataOpt = Annotated[str | None, typer.Option(
     "--data", "-d", help="builtin:digits, builtin:shapes?n=5000&size=32, a folder (root/<class>/*.png) or a CSV/JSONL manifest.")]
 
 
@@ -44,25 +44,25 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 @app.command()
 def train(
     data: DataOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name ('auto', tinycnn_s, resnet18, tf_efficientnet_lite0, any timm name).")] = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder to write (runs/NAME).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (e.g. a run's config.yaml); flags override it.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (early stopping may end sooner).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: 2e-3 for AdamW at batch 128).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd.")] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="onecycle, cosine or constant.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input side in pixels (default: from model and data).")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="Weights: a .safetensors/.pth path, 'package' (EfficientNet-Lite0) or 'hub'.")] = None,
-    transfer: Annotated[Optional[str], typer.Option(help="With pretrained weights: full, linear or gradual.")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="auto, none, light or strong.")] = None,
-    mixup: Annotated[Optional[float], typer.Option(help="Mixup alpha (0 = off).")] = None,
-    cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha (0 = off).")] = None,
-    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema", help="Keep an EMA of the weights and evaluate it.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (splits, init, order, augmentation).")] = None,
-    on_bad_image: Annotated[Optional[BadImage], typer.Option(help="What to do with unreadable images.")] = None,
-    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Also log to TensorBoard.")] = None,
-    max_train_batches: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name ('auto', tinycnn_s, resnet18, tf_efficientnet_lite0, any timm name).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Run folder to write (runs/NAME).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (e.g. a run's config.yaml); flags override it.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 2e-3 for AdamW at batch 128).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw or sgd.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="onecycle, cosine or constant.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: from model and data).")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Weights: a .safetensors/.pth path, 'package' (EfficientNet-Lite0) or 'hub'.")] = None,
+    transfer: Annotated[str | None, typer.Option(help="With pretrained weights: full, linear or gradual.")] = None,
+    augment: Annotated[str | None, typer.Option(help="auto, none, light or strong.")] = None,
+    mixup: Annotated[float | None, typer.Option(help="Mixup alpha (0 = off).")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off).")] = None,
+    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="Keep an EMA of the weights and evaluate it.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (splits, init, order, augmentation).")] = None,
+    on_bad_image: Annotated[BadImage | None, typer.Option(help="What to do with unreadable images.")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log to TensorBoard.")] = None,
+    max_train_batches: Annotated[int | None, typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -74,6 +74,7 @@ def train(
     cfg = resolve_config(config, data=data, model=model, out=out_dir, epochs=epochs, batch_size=batch_size,
                          lr=lr, optimizer=optimizer, schedule=schedule, image_size=image_size,
                          pretrained=pretrained, transfer=transfer, augment=augment, mixup=mixup, cutmix=cutmix,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing,
                          ema=ema, seed=seed, on_bad_image=on_bad_image.value if on_bad_image else None,
                          tensorboard=tensorboard, max_train_batches=max_train_batches)
     if resume and out_dir is None and config is None:
@@ -88,7 +89,7 @@ def evaluate(
     target: Annotated[Path, typer.Argument(help="Run folder or bundle folder.")],
     data: DataOpt = None,
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics here.")] = None,
     on_bad_image: Annotated[BadImage, typer.Option(help="What to do with unreadable images.")] = BadImage.fail,
 ) -> None:
     """Accuracy, macro-F1, per-class precision/recall, confusion matrix, ECE and worst mistakes."""
@@ -151,9 +152,9 @@ def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
 @app.command()
 def autopilot(
     data: DataOpt = None,
-    out_dir: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder (default runs/autopilot, runs/autopilot-2, ...).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Output folder (default runs/autopilot, runs/autopilot-2, ...).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Model name or 'auto'.")] = "auto",
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import tree_digest, write_image_folder
 
 LENSFORGE = shutil.which("lensforge", path=str(Path(sys.executable).parent)) or "lensforge"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tree_digest, write_image_folder
 from PIL import Image
 
-from helpers import tree_digest, write_image_folder
 from lensforge.data import load_table, make_splits, open_source
 from lensforge.data.decode import decode_image
 from lensforge.data.preprocess import Preprocess
@@ -58,10 +58,10 @@ def test_manifest_csv_and_jsonl(tmp_path, image_folder):
     files = sorted(image_folder.rglob("*.png"))
     rows = [(str(p.relative_to(image_folder)), p.parent.name) for p in files]
     csv_path = image_folder / "data.csv"
-    csv_path.write_text("path,label\n" + "".join(f"{p},{l}\n" for p, l in rows))
+    csv_path.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
     jsonl_path = image_folder / "data.jsonl"
-    jsonl_path.write_text("".join(json.dumps({"path": p, "label": l, "split": "train" if i % 2 else "test"}) + "\n"
-                                  for i, (p, l) in enumerate(rows)))
+    jsonl_path.write_text("".join(json.dumps({"path": p, "label": label, "split": "train" if i % 2 else "test"}) + "\n"
+                                  for i, (p, label) in enumerate(rows)))
     assert len(load_table(open_source(csv_path), RGB16)) == len(files)
     assert {r.split for r in open_source(jsonl_path).records} == {"train", "test"}
 

@@ -68,6 +68,16 @@ def test_val_accuracy_still_rising_at_the_end_asks_for_more_epochs():
     assert "--epochs 11" in finding.suggestions[0]
 
 
+def test_a_tied_best_at_the_end_still_counts_as_improving():
+    # digits with tinycnn_xs, 6 epochs: accuracy ties at the end while the loss still falls
+    history = _rows(
+        train_acc=[0.367, 0.825, 0.915, 0.936, 0.947, 0.959],
+        val_loss=[2.17, 0.666, 0.386, 0.340, 0.277, 0.268],
+        val_acc=[0.201, 0.833, 0.911, 0.929, 0.944, 0.944],
+    )
+    assert _kinds(diagnose_fit(history, num_classes=10)) == ["still_improving"]
+
+
 @pytest.mark.parametrize(
     ("val_loss", "expected"),
     [([0.9, 0.6, 1.4, 0.5, 1.6, 0.55, 1.3, 0.6], "oscillates"),

@@ -213,3 +213,18 @@ def test_frozen_layers_are_grouped_and_skipped_until_they_get_gradients():
     assert monitor.history["layers"]["0"] == [None]  # frozen: no gradient, not "vanishing"
     assert monitor.history["layers"]["8"][0] > 0
     assert monitor.events == []
+
+
+
+@pytest.mark.parametrize(("clip_factor", "reported"), [(2.0, False), (10.0, True)])
+def test_clipping_is_reported_only_when_it_shrinks_most_steps_a_lot(clip_factor, reported):
+    model = _small_cnn()
+    monitor = GradientHealthMonitor(model, every_n_steps=1)
+    inputs, targets = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    for step in range(12):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        monitor.after_backward(torch.tensor(1.0), step=step)
+        monitor.note_clipped(monitor.total_norm, monitor.total_norm / clip_factor)
+    clipping = [s for s in monitor.diagnosis() if "clipped on 100% of steps" in s]
+    assert bool(clipping) is reported

@@ -62,7 +62,7 @@ def test_resume_continues_exactly(tmp_path):
     """Two epochs, then resume to four == four straight (same weights, bit for bit)."""
     straight = train(_cfg(tmp_path, "a", epochs=4, max_train_batches=4, early_stopping=0), show_progress=False)
     cfg = _cfg(tmp_path, "b", epochs=4, max_train_batches=4, early_stopping=0)
-    import lensforge.train.trainer as trainer
+    from lensforge.train import trainer
 
     original = trainer._end_of_epoch
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "make_splits": "splits", "load_splits": "splits",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -38,7 +38,7 @@ class Splits:
 
     def to_json(self, table: ImageTable) -> dict[str, Any]:
         return {"seed": self.seed, "how": self.how,
-                "sizes": {s: int(len(self.get(s))) for s in ("train", "val", "test")},
+                "sizes": {s: len(self.get(s)) for s in ("train", "val", "test")},
                 **{s: [table.origins[i] for i in self.get(s)] for s in ("train", "val", "test")}}
 
 

@@ -49,7 +49,7 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, class_names:
     worst = sorted(present, key=lambda c: (c["recall"], c["f1"]))[:WORST_CLASSES]
     confidence, predicted = probs.max(1)
     return {
-        "num_samples": int(len(targets)),
+        "num_samples": len(targets),
         "accuracy": float(MulticlassAccuracy(k, average="micro")(probs, y)),
         "macro_f1": float(np.mean([c["f1"] for c in present])) if present else 0.0,
         "ece": float(MulticlassCalibrationError(k, n_bins=ECE_BINS, norm="l1")(probs, y)),

@@ -105,10 +105,11 @@ def default_preprocess(model: nn.Module, *, image_size: int | None, channels: in
         interpolation = "bilinear"
     crop_pct = 1.0
     if pretrained not in (None, "none"):
-        if getattr(model, "pretrained_cfg", {}).get("architecture") in ("tf_efficientnet_lite0", "efficientnet_lite0"):
-            from lensforge.models.pretrained import EFFICIENTNET_LITE0_PREPROCESS as lite0
+        from lensforge.models.pretrained import EFFICIENTNET_LITE0_MODELS, EFFICIENTNET_LITE0_PREPROCESS
 
-            mean, std = lite0["mean"][:channels] if channels == 3 else (0.5,), lite0["std"][:channels] if channels == 3 else (0.5,)
+        if cfg.get("architecture") in EFFICIENTNET_LITE0_MODELS:  # the offline weights expect 0.5/0.5
+            mean = EFFICIENTNET_LITE0_PREPROCESS["mean"][:channels] if channels == 3 else (0.5,)
+            std = EFFICIENTNET_LITE0_PREPROCESS["std"][:channels] if channels == 3 else (0.5,)
         crop_pct = float(cfg.get("crop_pct", 1.0)) if size == int(cfg.get("input_size", (3, 0, 0))[-1]) else 1.0
     return Preprocess(input_size=(size, size), channels=channels, mean=mean, std=std,
                       interpolation=interpolation, crop_pct=crop_pct)

@@ -38,9 +38,11 @@ UNDERFIT_TRAIN_ACC = 0.80
 # "Stopped rising": best of the last 3 epochs beats the earlier best by < 1 point.
 PLATEAU_EPOCHS = 3
 PLATEAU_GAIN = 0.01
-# "Still improving": the last epoch is a new best, better than the one before, and the
-# last 3 epochs gained more than 1 accuracy point (or 2% of the val loss): a trend
-# rather than a wiggle.
+# "Still improving": the last epoch is the best (ties count: accuracy on a small val
+# set moves in steps) and the last 2 epochs gained more than 1 accuracy point (or cut
+# the val loss by 2%). Two epochs, not three: a curve that rose and then sat flat
+# for two epochs has finished.
+IMPROVING_EPOCHS = 2
 IMPROVING_ACC_GAIN = 0.01
 IMPROVING_LOSS_DROP_REL = 0.02
 # Unstable: epoch-to-epoch val loss swings above 25% of its median (or 10 accuracy
@@ -257,18 +259,18 @@ def _still_improving(curves: dict[str, Series], epochs: int) -> FitDiagnosis | N
     if epochs < 2:
         return None
     val_acc, val_loss = curves["val_acc"], curves["val_loss"]
-    window = min(PLATEAU_EPOCHS, epochs - 1)
+    window = min(IMPROVING_EPOCHS, epochs - 1)
+    # Val accuracy first: it is what picks the best epoch; the loss when it is missing.
     if len(val_acc) > window:
         values = [v for _, v in val_acc]
         gain = values[-1] - values[-1 - window]
-        # The last epoch must be a new best and still climbing: a flat tail is done.
-        if values[-1] < max(values) or values[-1] <= values[-2] or gain <= IMPROVING_ACC_GAIN:
+        if values[-1] < max(values) or gain <= IMPROVING_ACC_GAIN:
             return None
         shown = f"val acc still rising: +{gain * 100:.1f} points over the last {window} epochs"
     elif len(val_loss) > window:
         values = [v for _, v in val_loss]
         drop = (values[-1 - window] - values[-1]) / values[-1 - window]
-        if values[-1] > min(values) or values[-1] >= values[-2] or drop <= IMPROVING_LOSS_DROP_REL:
+        if values[-1] > min(values) or drop <= IMPROVING_LOSS_DROP_REL:
             return None
         shown = f"val loss still falling: -{drop:.0%} over the last {window} epochs"
     else:

@@ -39,8 +39,11 @@ DOMINANT_GROUP_SHARE = 0.5
 ZERO_NORM = 1e-12
 # Explosions on this many steps are a pattern, not a fluke: advise a lower lr.
 RECURRING_EXPLOSIONS = 3
-# Clipping on more than this share of steps means the clip norm is acting as the lr.
+# Clipping on most steps by a large factor means the clip norm, not the lr, sets the
+# SGD step size (Adam-style optimizers divide the scale out, so mild clipping is
+# harmless and common: clip 2 vs norm 3 is not worth a sentence).
 MOSTLY_CLIPPED_SHARE = 0.5
+CLIP_DOMINANT_FACTOR = 5.0
 MIN_CLIP_REPORTS = 10
 # History values keep 4 significant digits: enough to plot, a quarter of the JSON.
 HISTORY_DIGITS = 4
@@ -538,10 +541,16 @@ def _clipping_sentence(
 ) -> str | None:
     if reports < MIN_CLIP_REPORTS or clipped <= MOSTLY_CLIPPED_SHARE * reports:
         return None
-    typical = f" (median norm {statistics.median(totals):.3g})" if totals else ""
+    if not totals or not clip_norm:
+        return None
+    factor = statistics.median(totals) / clip_norm
+    if factor < CLIP_DOMINANT_FACTOR:
+        return None
     return (
-        f"gradients clipped on {clipped / reports:.0%} of steps to {clip_norm:g}{typical}: "
-        "clipping is acting as a smaller learning rate; lower --lr or raise clip_grad_norm"
+        f"gradients clipped on {clipped / reports:.0%} of steps, typically by {factor:.0f}x "
+        f"(median norm {_number(statistics.median(totals))} vs clip {clip_norm:g}): with SGD "
+        f"that is a {factor:.0f}x smaller learning rate (AdamW barely notices); lower --lr "
+        "or raise clip_grad_norm"
     )
 
 

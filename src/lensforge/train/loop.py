@@ -15,7 +15,6 @@ import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +71,10 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def drop_last(self, mixup: bool) -> bool:
+        """Drop a ragged last training batch: mixup needs even batches, and tiny ones add noise."""
+        return mixup or len(self) > self.batch_size * 4
 
     def num_batches(self, drop_last: bool) -> int:
         n = len(self) // self.batch_size if drop_last else -(-len(self) // self.batch_size)
@@ -143,8 +146,8 @@ def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int) -
         ctx.optimizer.zero_grad(set_to_none=True)
         return action, float("nan"), 0
     if ctx.cfg.clip_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.clip_grad_norm)
-        ctx.monitor.note_clipped(float(norm), ctx.cfg.clip_grad_norm)
+        clip_to_norm(ctx.model, ctx.monitor.total_norm, ctx.cfg.clip_grad_norm)
+        ctx.monitor.note_clipped(ctx.monitor.total_norm, ctx.cfg.clip_grad_norm)
     factor = schedule_factor(ctx.state.step, ctx.total_steps, ctx.warmup_steps, ctx.cfg.schedule)
     set_lr(ctx.optimizer, factor * ctx.state.lr_scale)
     ctx.optimizer.step()
@@ -153,6 +156,15 @@ def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int) -
         ctx.ema.update(ctx.model, step=ctx.state.step)
     ctx.state.step += 1
     return action, float(loss.detach()), int((logits.argmax(1) == hard).sum())
+
+
+def clip_to_norm(model: nn.Module, total_norm: float, max_norm: float) -> None:
+    """Clip with the norm the health monitor already computed (saves a second pass over the grads)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total_norm))
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -182,7 +194,7 @@ def run_epoch(ctx: StepContext, batches: Batches, policy: AugmentPolicy, epoch: 
     ctx.model.train()
     generator = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + epoch)
     order = torch.randperm(len(batches), generator=generator)
-    drop_last = ctx.mixup is not None or len(batches) > batches.batch_size * 4
+    drop_last = batches.drop_last(ctx.mixup is not None)
     seen, correct, loss_sum, counted = 0, 0, 0.0, 0
     start = time.perf_counter()
     for i, (x, y) in enumerate(batches.iterate(order, policy, generator, drop_last)):

@@ -90,7 +90,7 @@ def resolve(cfg: TrainConfig, source: Source, n_train: int | None = None) -> Res
     device = pick_device(cfg.device)
     default_lr = 2e-3 * math.sqrt(cfg.batch_size / 128) if cfg.optimizer == "adamw" else 0.1 * cfg.batch_size / 128
     has_pretrained = pretrained not in (None, "none")
-    transfer = cfg.transfer if cfg.transfer != "auto" else ("full" if has_pretrained else "full")
+    transfer = cfg.transfer if cfg.transfer != "auto" else "full"  # full fine-tune at 0.1x backbone lr
     return Resolved(
         model_name=model_name,
         pretrained=pretrained if has_pretrained else None,

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import save_file
 from torch import nn
 
 from lensforge.data.sources import open_source
@@ -18,11 +17,24 @@ from lensforge.data.table import ImageTable, load_table
 from lensforge.errors import UsageError
 from lensforge.models.registry import count_params
 from lensforge.train.augment import policy_for
-from lensforge.train.checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lensforge.train.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lensforge.train.config import TrainConfig, dump_config, load_config_file, make_config
 from lensforge.train.diagnosis import diagnose_fit
 from lensforge.train.health import GradientHealthMonitor
-from lensforge.train.loop import Batches, LoopState, StepContext, evaluate_batches, run_epoch, snapshot
+from lensforge.train.loop import (
+    Batches,
+    LoopState,
+    StepContext,
+    evaluate_batches,
+    run_epoch,
+    snapshot,
+)
 from lensforge.train.optim import apply_transfer, build_optimizer
 from lensforge.train.progress import TrainProgress
 from lensforge.train.run import WEIGHTS_FILE, now_iso, update_run_info, versions
@@ -86,7 +98,7 @@ def _write_run_header(cfg: TrainConfig, source: Any, table: ImageTable, splits: 
         run_dir, name=run_dir.name, task=table.task, status="training", model=resolved.model_name,
         pretrained=resolved.pretrained, data=source.spec, class_names=table.class_names,
         preprocess=table.preprocess.to_dict(), params=count_params(model), created=now_iso(),
-        versions=versions(), split_sizes={k: int(len(splits.get(k))) for k in ("train", "val", "test")},
+        versions=versions(), split_sizes={k: len(splits.get(k)) for k in ("train", "val", "test")},
         resolved={"image_size": resolved.image_size, "channels": resolved.channels, "lr": resolved.lr,
                   "batch_size": resolved.batch_size, "augment": resolved.augment, "hflip": resolved.hflip,
                   "transfer": resolved.transfer, "device": str(resolved.device), "amp_bf16": resolved.amp,
@@ -134,7 +146,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     backbone_scale = cfg.backbone_lr_scale if resolved.pretrained else 1.0
     optimizer = build_optimizer(model, cfg, resolved.lr, backbone_scale)
     mixup, ema, criterion = _make_extras(cfg, model, len(table.class_names))
-    steps_per_epoch = train_batches.num_batches(drop_last=mixup is not None or len(train_batches) > resolved.batch_size * 4)
+    steps_per_epoch = train_batches.num_batches(train_batches.drop_last(mixup is not None))
     if cfg.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
     monitor = GradientHealthMonitor(model, every_n_steps=cfg.health_every)
@@ -240,4 +252,4 @@ def _finish(ctx: StepContext, resolved: Resolved, table: ImageTable, timings: di
     return final
 
 
-__all__ = ["TrainResult", "train", "save_file"]
+__all__ = ["TrainResult", "train"]
