@@ -56,6 +56,8 @@ def train(
     pretrained: Annotated[str | None, typer.Option(help="Weights: a .safetensors/.pth path, 'package' (EfficientNet-Lite0) or 'hub'.")] = None,
     transfer: Annotated[str | None, typer.Option(help="With pretrained weights: full, linear or gradual.")] = None,
     augment: Annotated[str | None, typer.Option(help="auto, none, light or strong.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay (not on norms and biases).")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default 0.1).")] = None,
     mixup: Annotated[float | None, typer.Option(help="Mixup alpha (0 = off).")] = None,
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off).")] = None,
     ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="Keep an EMA of the weights and evaluate it.")] = None,

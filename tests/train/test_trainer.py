@@ -129,3 +129,14 @@ def test_schedules_warm_up_and_end_low(kind):
     assert values[0] < values[20] and max(values) <= 1.0
     if kind != "constant":
         assert values[-1] < 0.05
+
+
+def test_mixup_cutmix_and_ema_train(tmp_path):
+    result = train(_cfg(tmp_path, epochs=1, max_train_batches=3, mixup=0.2, cutmix=1.0, ema=True, ema_decay=0.5),
+                   show_progress=False)
+    rows = result.history
+    assert rows and all(r["train_loss"] == r["train_loss"] for r in rows)  # finite, not NaN
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["status"] == "complete"
+    saved = load_file(result.run_dir / "checkpoints" / "epoch-0001" / "ema.safetensors")
+    assert set(saved) == set(result.model.state_dict())
