@@ -72,6 +72,10 @@ def train(
     from lensforge.report import write_report
     from lensforge.train import resolve_config
     from lensforge.train import train as train_api
+    from lensforge.utils.io import fresh_dir
+
+    if out_dir is None and not resume and (config is None or "out" not in load_yaml_keys(config)):
+        out_dir = str(fresh_dir("runs", "train"))  # never overwrite an earlier run
 
     cfg = resolve_config(config, data=data, model=model, out=out_dir, epochs=epochs, batch_size=batch_size,
                          lr=lr, optimizer=optimizer, schedule=schedule, image_size=image_size,
@@ -197,6 +201,12 @@ def list_cmd(
 
         names = TASKS.list(pattern)
     out.print("\n".join(names) if names else f"no {kind.value} match {pattern!r}")
+
+
+def load_yaml_keys(path: Path) -> set[str]:
+    from lensforge.train.config import load_config_file
+
+    return set(load_config_file(path))
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
-    assert not (tmp_path / "r" / "run.json").exists()
+    assert not (tmp_path / "r").exists()  # nothing written that could look like a run
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -60,6 +60,7 @@ class Preprocess:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["color_mode"] = self.mode  # "RGB" or "L", for readers that do not know our channel convention
         return d
 
     @classmethod

@@ -65,8 +65,9 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
         return make_config(load_config_file(saved), where=str(saved))
     if (run_dir / "run.json").exists() or saved.exists():
         raise UsageError(f"'{run_dir}' already holds a run: pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return cfg
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out '{run_dir}' is a file, not a folder")
+    return cfg  # the folder itself is made once the data has loaded: bad input leaves nothing behind
 
 
 def _load_data(cfg: TrainConfig, console: Console) -> tuple[Any, ImageTable, Splits, Resolved, nn.Module]:
@@ -89,6 +90,7 @@ def _load_data(cfg: TrainConfig, console: Console) -> tuple[Any, ImageTable, Spl
 def _write_run_header(cfg: TrainConfig, source: Any, table: ImageTable, splits: Splits,
                       resolved: Resolved, model: nn.Module) -> None:
     run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if not (run_dir / "splits.json").exists():
         atomic_write_json(run_dir / "splits.json", splits.to_json(table))
