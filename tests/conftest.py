@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: see lensforge.cli.quiet_cpu_threads
 from pathlib import Path
 
 import pytest
