@@ -46,6 +46,10 @@ class TrainConfig(BaseModel):
     clip_grad_norm: float = Field(2.0, ge=0)  # 0 = no clipping
     early_stopping: int = Field(8, ge=0)  # epochs without val improvement; 0 = off
 
+    teacher: str | None = None  # run or bundle to distil from (knowledge distillation)
+    distill_alpha: float = Field(0.5, ge=0, le=1)  # weight of the teacher's soft targets in the loss
+    distill_temperature: float = Field(4.0, gt=0, le=100)  # softmax temperature for soft targets
+
     transfer: Literal["auto", "full", "linear", "gradual"] = "auto"
     backbone_lr_scale: float = Field(0.1, gt=0, le=1)  # backbone lr = lr x this when fine-tuning
 

@@ -72,6 +72,10 @@ class Batches:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised batch back to pixels in [0, 1] (what a teacher with other preprocessing needs)."""
+        return x * self.std + self.mean
+
     def drop_last(self, mixup: bool) -> bool:
         """Drop a ragged last training batch: mixup needs even batches, and tiny ones add noise."""
         return mixup or len(self) > self.batch_size * 4
@@ -130,6 +134,8 @@ class StepContext:
     device: torch.device
     mixup: Any = None
     ema: Any = None
+    teacher: Any = None  # callable: un-normalised [0, 1] batch -> teacher logits
+    unnormalize: Any = None  # callable: normalised batch -> [0, 1] batch, for the teacher
 
 
 def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[HealthAction, float, int]:
@@ -139,7 +145,12 @@ def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int) -
         x, y = ctx.mixup(x, y)
     with autocast(ctx.device, ctx.amp):
         logits = ctx.model(x)
-        loss = ctx.criterion(logits.float(), y)
+        if ctx.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = ctx.teacher(ctx.unnormalize(x)).float()
+            loss = ctx.criterion(logits.float(), y, teacher_logits)
+        else:
+            loss = ctx.criterion(logits.float(), y)
     loss.backward()
     action = ctx.monitor.after_backward(loss.detach(), step=ctx.state.step, epoch=epoch)
     if action is not HealthAction.OK:

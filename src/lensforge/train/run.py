@@ -71,6 +71,18 @@ class LoadedRun:
         return list(self.info["class_names"])
 
 
+def apply_structure(model: nn.Module, ops: list[dict[str, Any]], pre: Preprocess) -> nn.Module:
+    """Give a fresh registry model the shape a run recorded (e.g. after structured pruning)."""
+    if not ops:
+        return model
+    import torch
+
+    from lensforge.compress.prune import replay_structure
+
+    example = torch.zeros(1, pre.channels, *pre.input_size)
+    return replay_structure(model, ops, example)
+
+
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild the model of a finished run from its own files."""
     from safetensors.torch import load_file
@@ -85,6 +97,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                             f"finish; continue it with `lensforge train --resume --out {run_dir}`")
     pre = Preprocess.from_dict(info["preprocess"])
     model = create_model(info["model"], num_classes=len(info["class_names"]), in_chans=pre.channels)
+    model = apply_structure(model, info.get("structure") or [], pre)
     try:
         model.load_state_dict(load_file(weights))
     except (RuntimeError, OSError) as e:

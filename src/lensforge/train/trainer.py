@@ -107,6 +107,14 @@ def _write_run_header(cfg: TrainConfig, source: Any, table: ImageTable, splits: 
                   "channels_last": resolved.channels_last})
 
 
+def _make_teacher(cfg: TrainConfig, table: ImageTable, device: torch.device) -> Any:
+    if cfg.teacher is None:
+        return None
+    from lensforge.compress.distill import load_teacher
+
+    return load_teacher(cfg.teacher, class_names=table.class_names, device=device)
+
+
 def _make_extras(cfg: TrainConfig, model: nn.Module, num_classes: int) -> tuple[Any, Any, nn.Module]:
     from timm.loss import SoftTargetCrossEntropy
 
@@ -123,12 +131,34 @@ def _make_extras(cfg: TrainConfig, model: nn.Module, num_classes: int) -> tuple[
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay)
+    if cfg.teacher is not None:
+        from lensforge.compress.distill import DistillationLoss
+
+        criterion = DistillationLoss(criterion, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha)
     return mixup, ema, criterion
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None,
-          show_progress: bool = True) -> TrainResult:
-    """Train a model as ``cfg`` says, writing the run folder ``cfg.out``."""
+def _initial_model(cfg: TrainConfig, model: nn.Module, table: ImageTable, init_model: nn.Module | None,
+                   structure: list[dict[str, Any]] | None, resume: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The model to start from: a given one (e.g. pruned), a resumed run's rebuilt structure, or fresh."""
+    if init_model is not None:
+        return init_model, list(structure or [])
+    if resume:
+        from lensforge.train.run import apply_structure, read_run_info
+
+        ops = read_run_info(Path(cfg.out)).get("structure") or []
+        return apply_structure(model, ops, table.preprocess), ops
+    return model, []
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None, show_progress: bool = True,
+          init_model: nn.Module | None = None, structure: list[dict[str, Any]] | None = None) -> TrainResult:
+    """Train a model as ``cfg`` says, writing the run folder ``cfg.out``.
+
+    ``init_model`` starts from a given model instead of a fresh one (e.g. a pruned model to
+    fine-tune); ``structure`` records how its shape differs from the registry's (see
+    :func:`lensforge.train.run.apply_structure`) so the run can be loaded back.
+    """
     console = console or Console(stderr=True)
     started = time.perf_counter()
     cfg = _prepare_run_dir(cfg, resume)
@@ -136,9 +166,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     source, table, splits, resolved, model = _load_data(cfg, console)
+    model, structure = _initial_model(cfg, model, table, init_model, structure, resume)
     timings = {"data": time.perf_counter() - started}
     if not resume:
         _write_run_header(cfg, source, table, splits, resolved, model)
+        update_run_info(Path(cfg.out), structure=structure, teacher=cfg.teacher)
     model.to(resolved.device)
     if resolved.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -157,7 +189,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         state = _restore(Path(cfg.out), model, optimizer, ema, monitor)
         console.print(f"resuming [bold]{cfg.out}[/] after epoch {state.epoch}")
     ctx = StepContext(model, optimizer, criterion, monitor, cfg, state, steps_per_epoch * cfg.epochs,
-                      int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device, mixup, ema)
+                      int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device, mixup, ema,
+                      _make_teacher(cfg, table, resolved.device), train_batches.unnormalize)
     _fit(ctx, train_batches, val_batches, resolved, console, show_progress)
     timings["train"] = time.perf_counter() - started - timings["data"]
     final = _finish(ctx, resolved, table, timings)
