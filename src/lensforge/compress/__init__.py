@@ -1,0 +1,1 @@
+"""Compression: structured pruning, distillation and quantization of runs and bundles."""
