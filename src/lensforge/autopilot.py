@@ -8,6 +8,7 @@ stress tests and guardrails as further steps of the same chain.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,19 +32,31 @@ class AutopilotResult:
 
 def autopilot(data: str | None = None, out: str | Path | None = None, *, model: str = "auto",
               epochs: int | None = None, seed: int = 0, console: Console | None = None,
-              show_progress: bool = True, **train_overrides: Any) -> AutopilotResult:
-    """Run the whole chain on ``data`` (default ``builtin:digits``) into ``out`` (never overwritten)."""
+              show_progress: bool = True, budget: Any = None, **train_overrides: Any) -> AutopilotResult:
+    """Run the whole chain on ``data`` (default ``builtin:digits``) into ``out`` (never overwritten).
+
+    With a :class:`lensforge.select.Budget`, candidates are trained, compressed and measured, and
+    the best artifact that fits is shipped (see :func:`lensforge.select.select`).
+    """
+    console = console or Console(stderr=True)
+    out_dir = Path(out) if out is not None else fresh_dir("runs", "autopilot")
+    if out is not None and (out_dir / "summary.json").exists():
+        out_dir = fresh_dir(out_dir.parent, out_dir.name)
+    if budget is not None:
+        return _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console)
+    return _single(data or DEFAULT_DATA, out_dir, model=model, epochs=epochs, seed=seed, console=console,
+                   show_progress=show_progress, **train_overrides)
+
+
+def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: int, console: Console,
+            show_progress: bool, **train_overrides: Any) -> AutopilotResult:
     from lensforge.deploy.export import write_bundle
     from lensforge.evaluate import evaluate
     from lensforge.report import write_report
     from lensforge.train import resolve_config, train
 
-    console = console or Console(stderr=True)
-    out_dir = Path(out) if out is not None else fresh_dir("runs", "autopilot")
-    if out is not None and (out_dir / "summary.json").exists():
-        out_dir = fresh_dir(out_dir.parent, out_dir.name)
     started, timings = time.perf_counter(), {}
-    cfg = resolve_config(None, data=data or DEFAULT_DATA, model=model, out=str(out_dir),
+    cfg = resolve_config(None, data=data, model=model, out=str(out_dir),
                          epochs=epochs or DEFAULT_EPOCHS, seed=seed, **train_overrides)
     console.rule(f"[bold]lensforge autopilot[/]: {cfg.data} -> {out_dir}")
     result = train(cfg, console=console, show_progress=show_progress)
@@ -86,3 +99,36 @@ def _summary(data: str, result: Any, test: dict[str, Any], bundle: Path, report:
         "report": str(report),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
+
+
+def _budgeted(data: str, out_dir: Path, budget: Any, *, epochs: int | None, seed: int,
+              console: Console) -> AutopilotResult:
+    """Select under a budget, then ship the chosen artifact as ``out/bundle`` with a report."""
+    from lensforge.compress.measure import load_test_set
+    from lensforge.report import write_report
+    from lensforge.select import select
+    from lensforge.utils.io import replace_dir
+
+    started = time.perf_counter()
+    console.rule(f"[bold]lensforge autopilot[/] under a budget: {budget.model_dump(exclude_none=True)}")
+    result = select(data, budget, out=out_dir, epochs=epochs or 15, seed=seed, console=console)
+    chosen, run_dir = result.chosen, result.chosen_run
+    test = load_test_set(run_dir).metrics(Path(chosen.bundle))
+    staging = out_dir / ".bundle.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(chosen.bundle, staging)
+    replace_dir(staging, out_dir / "bundle")
+    for candidate_run in sorted((out_dir / "candidates").iterdir()):
+        write_report(candidate_run)
+    shutil.copyfile(run_dir / "report.html", out_dir / "report.html")
+    summary = {
+        "task": "classification", "data": data, "model": chosen.candidate, "variant": chosen.variant,
+        "run": str(run_dir), "budget": budget.model_dump(),
+        "metrics": {"test": {**test, "evaluated": "bundle"}},
+        "latency_ms_p50": chosen.latency_ms, "size_mb": chosen.size_mb,
+        "bundle": str(out_dir / "bundle"), "report": str(out_dir / "report.html"),
+        "selection": str(out_dir / "selection.json"),
+        "timings_s": {"total": round(time.perf_counter() - started, 2)},
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return AutopilotResult(out_dir, summary)

@@ -147,6 +147,96 @@ def predict(
 
 
 @app.command()
+def bench(
+    target: Annotated[Path, typer.Argument(help="Run folder or bundle folder.")],
+    backend: Annotated[str, typer.Option("--backend", "-b", help="Comma-separated: torch, onnxruntime, openvino.")] = "torch,onnxruntime",
+    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,8,32",
+    threads: Annotated[int | None, typer.Option(min=1, help="Threads for every backend (default: usable cores).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (default for a run: RUN/bench.json).")] = None,
+) -> None:
+    """Latency p50/p90/p99, throughput, size, params, FLOPs, peak memory and GFLOP/s vs this CPU's peak."""
+    from lensforge.deploy.bench import benchmark, parse_batches
+
+    backends = tuple(b.strip() for b in backend.split(",") if b.strip())
+    result = benchmark(target, backends=backends, batches=parse_batches(batch), threads=threads)
+    out.print(result.table())
+    for note in result.notes:
+        out.print(f"[dim]note: {note}[/]")
+    run_dir = target if (target / "run.json").exists() else target.parent if (target.parent / "run.json").exists() else None
+    path = json_out or (run_dir / "bench.json" if run_dir else None)
+    if path:
+        result.write_json(path)
+        out.print(f"written: {path}")
+
+
+@app.command()
+def compress(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    prune: Annotated[float | None, typer.Option(help="Share of channels to remove per layer (0-1), then fine-tune.")] = None,
+    prune_steps: Annotated[int, typer.Option(min=1, help="Iterative pruning: steps to reach the ratio.")] = 1,
+    distill: Annotated[bool, typer.Option("--distill", help="Fine-tune the pruned model against the unpruned one.")] = False,
+    teacher: Annotated[str | None, typer.Option(help="Distil from this run or bundle instead.")] = None,
+    quantize: Annotated[str | None, typer.Option(help="Comma-separated: int8, fp16 (ONNX Runtime).")] = None,
+    max_drop: Annotated[float, typer.Option(help="Accuracy points a variant may lose vs its parent.")] = 1.0,
+    finetune_epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs after pruning.")] = 5,
+    calibration_method: Annotated[str, typer.Option(help="INT8 calibration: minmax, entropy or percentile.")] = "minmax",
+) -> None:
+    """Pruned, distilled and quantized variants in RUN/variants/, each guarded on its ONNX artifact."""
+    from lensforge.compress.variants import CompressConfig
+    from lensforge.compress.variants import compress as compress_api
+    from lensforge.report import write_report
+    from lensforge.train.config import make_config_of
+
+    kinds = tuple(k.strip() for k in quantize.split(",") if k.strip()) if quantize else ()
+    cfg = make_config_of(CompressConfig, dict(prune=prune, prune_steps=prune_steps, distill=distill, teacher=teacher,
+                                              quantize=kinds, max_drop=max_drop, finetune_epochs=finetune_epochs,
+                                              calibration_method=calibration_method))
+    result = compress_api(run, cfg, console=err)
+    out.print(variants_table(result.variants))
+    out.print(f"report: {write_report(run)}")
+
+
+def variants_table(variants: list) -> object:
+    from rich.table import Table
+
+    table = Table(title="variants (accuracy through ONNX Runtime, latency side by side at batch 1)")
+    for column in ("variant", "accuracy", "vs parent", "p50 ms", "p99 ms", "size MB", "speed-up", "status"):
+        table.add_column(column)
+    for v in variants:
+        drop = "" if v.drop_points is None else f"{-v.drop_points:+.2f} pt"
+        speed = "" if v.speedup is None else f"{v.speedup:.2f}x"
+        status = v.status if v.status == "accepted" else f"[yellow]rejected[/]: {v.reason}"
+        table.add_row(v.name, f"{v.metrics['accuracy']:.2%}", drop, f"{v.latency_ms['p50']:.3f}",
+                      f"{v.latency_ms['p99']:.3f}", f"{v.size_mb:.2f}", speed, status)
+    return table
+
+
+@app.command()
+def select(
+    data: DataOpt = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency of one image on this machine (ms).")] = None,
+    max_size_mb: Annotated[float | None, typer.Option(help="Budget: model file size (MB).")] = None,
+    max_drop: Annotated[float, typer.Option(help="Accuracy points a compressed variant may lose vs its parent.")] = 1.0,
+    candidates: Annotated[str | None, typer.Option(help="e.g. 'tinycnn_s@16,tinycnn_m@32' (default: chosen from the data).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per candidate.")] = 15,
+    prune: Annotated[float | None, typer.Option(help="Also try a pruned variant of each candidate (ratio).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Output folder (default runs/select, -2, ...).")] = None,
+) -> None:
+    """Train candidates, compress, measure on this machine, and pick the best artifact within the budget."""
+    from lensforge.select import Budget, parse_candidates
+    from lensforge.select import select as select_api
+    from lensforge.train.config import make_config_of
+
+    budget = make_config_of(Budget, dict(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_drop=max_drop))
+    result = select_api(data or "builtin:digits", budget, out=out_dir, epochs=epochs, prune=prune,
+                        candidates=parse_candidates(candidates) if candidates else None, console=err)
+    chosen = result.chosen
+    out.print(f"picked {chosen.candidate}/{chosen.variant}: accuracy {chosen.accuracy:.2%}, "
+              f"{chosen.latency_ms:.3g} ms p50, {chosen.size_mb:.2f} MB -> {chosen.bundle}")
+    out.print(f"all measurements: {result.out / 'selection.json'}")
+
+
+@app.command()
 def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
     """(Re)write RUN/report.html from the run's files."""
     from lensforge.report import write_report
@@ -163,13 +253,26 @@ def autopilot(
     model: Annotated[str, typer.Option("--model", "-m", help="Model name or 'auto'.")] = "auto",
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency of one image on this machine (ms); turns on candidate selection.")] = None,
+    max_size_mb: Annotated[float | None, typer.Option(help="Budget: model file size (MB).")] = None,
+    max_drop: Annotated[float | None, typer.Option(help="Accuracy points a compressed variant may lose vs its parent.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """The main job: split, pick a model, train, export, evaluate the bundle, report. No arguments needed."""
-    from lensforge.autopilot import autopilot as autopilot_api
+    """The main job: split, pick a model, train, export, evaluate the bundle, report. No arguments needed.
 
+    With a budget (--max-latency-ms / --max-size-mb / --max-drop) it trains several candidates,
+    compresses them, measures every artifact on this machine and ships the best one that fits.
+    """
+    from lensforge.autopilot import autopilot as autopilot_api
+    from lensforge.select import Budget
+    from lensforge.train.config import make_config_of
+
+    budget = None
+    if max_latency_ms is not None or max_size_mb is not None or max_drop is not None:
+        budget = make_config_of(Budget, dict(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb,
+                                             max_drop=1.0 if max_drop is None else max_drop))
     result = autopilot_api(data, out_dir, model=model, epochs=epochs, seed=seed, console=err,
-                           show_progress=not quiet)
+                           show_progress=not quiet, budget=budget)
     s = result.summary
     t = s["metrics"]["test"]
     out.print(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test accuracy "

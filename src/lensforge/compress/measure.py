@@ -59,15 +59,15 @@ def interleaved_latency(bundles: list[Path], *, batch: int = 1, rounds: int = 7,
                         threads: int | None = None, seed: int = 0) -> list[dict[str, float]]:
     """Per bundle: p50/p90/p99 latency in ms at ``batch``, measured round-robin."""
     loaded = [load_bundle(path, intra_op_num_threads=threads) for path in bundles]
-    pre = loaded[0].preprocess
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, pre.channels, *pre.input_size)).astype(np.float32)
-    for bundle in loaded:  # warm-up: first runs allocate and pick kernels
+    inputs = [rng.standard_normal((batch, b.preprocess.channels, *b.preprocess.input_size)).astype(np.float32)
+              for b in loaded]  # each bundle its own input size; the same array on every call
+    for bundle, x in zip(loaded, inputs):  # warm-up: first runs allocate and pick kernels
         for _ in range(5):
             bundle.run(x)
     samples: list[list[float]] = [[] for _ in loaded]
     for _ in range(rounds):
-        for i, bundle in enumerate(loaded):
+        for i, (bundle, x) in enumerate(zip(loaded, inputs)):
             for _ in range(calls):
                 start = time.perf_counter_ns()
                 bundle.run(x)

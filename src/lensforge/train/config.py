@@ -8,12 +8,14 @@ wrong types fail with a one-line message; the resolved config is written to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lensforge.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class TrainConfig(BaseModel):
@@ -86,8 +88,13 @@ def _format_error(err: ValidationError, where: str) -> str:
 
 
 def make_config(values: dict[str, Any], *, where: str = "options") -> TrainConfig:
+    return make_config_of(TrainConfig, values, where=where)
+
+
+def make_config_of(model: type[M], values: dict[str, Any], *, where: str = "options") -> M:
+    """Build any of our pydantic configs, turning validation errors into one-line ConfigErrors."""
     try:
-        return TrainConfig(**values)
+        return model(**values)
     except ValidationError as e:
         raise ConfigError(_format_error(e, where)) from None
 
