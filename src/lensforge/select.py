@@ -149,10 +149,11 @@ def _mark(options: list[Option], budget: Budget) -> Option | None:
         o.fits = (o.status == "accepted"
                   and (budget.max_latency_ms is None or o.latency_ms <= budget.max_latency_ms)
                   and (budget.max_size_mb is None or o.size_mb <= budget.max_size_mb))
+    accepted = [o for o in options if o.status == "accepted"]  # a failed guard is not a trade-off
     for o in options:
-        o.pareto = not any(p is not o and p.accuracy >= o.accuracy and p.latency_ms <= o.latency_ms
-                           and p.size_mb <= o.size_mb and (p.accuracy, -p.latency_ms, -p.size_mb)
-                           != (o.accuracy, -o.latency_ms, -o.size_mb) for p in options)
+        o.pareto = o.status == "accepted" and not any(
+            p.accuracy >= o.accuracy and p.latency_ms <= o.latency_ms and p.size_mb <= o.size_mb
+            and (p.accuracy, p.latency_ms, p.size_mb) != (o.accuracy, o.latency_ms, o.size_mb) for p in accepted)
     fitting = [o for o in options if o.fits]
     return max(fitting, key=lambda o: (o.accuracy, -o.latency_ms)) if fitting else None
 

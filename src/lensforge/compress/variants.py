@@ -141,7 +141,8 @@ def _quantized(parent: Variant, kind: str, run_dir: Path, cfg: CompressConfig, t
 
 def _guard(variant: Variant, parent: Variant, cfg: CompressConfig) -> None:
     """Accept or reject ``variant`` against its parent, with the numbers in the reason."""
-    variant.drop_points = (parent.metrics["accuracy"] - variant.metrics["accuracy"]) * 100
+    # rounded so that float noise (0.96 - 0.95 = 0.0100000000000009) does not decide a verdict
+    variant.drop_points = round((parent.metrics["accuracy"] - variant.metrics["accuracy"]) * 100, 6)
     variant.speedup = parent.latency_ms["p50"] / variant.latency_ms["p50"]
     problems = []
     if variant.drop_points > cfg.max_drop:
