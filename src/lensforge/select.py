@@ -10,6 +10,7 @@ says which constraint failed and by how much.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,13 +150,27 @@ def _mark(options: list[Option], budget: Budget) -> Option | None:
         o.fits = (o.status == "accepted"
                   and (budget.max_latency_ms is None or o.latency_ms <= budget.max_latency_ms)
                   and (budget.max_size_mb is None or o.size_mb <= budget.max_size_mb))
-    accepted = [o for o in options if o.status == "accepted"]  # a failed guard is not a trade-off
-    for o in options:
-        o.pareto = o.status == "accepted" and not any(
-            p.accuracy >= o.accuracy and p.latency_ms <= o.latency_ms and p.size_mb <= o.size_mb
-            and (p.accuracy, p.latency_ms, p.size_mb) != (o.accuracy, o.latency_ms, o.size_mb) for p in accepted)
+    front = pareto_mask([o.accuracy for o in options], [o.latency_ms for o in options],
+                        [o.size_mb for o in options], [o.status == "accepted" for o in options])
+    for o, on_front in zip(options, front):
+        o.pareto = on_front
     fitting = [o for o in options if o.fits]
     return max(fitting, key=lambda o: (o.accuracy, -o.latency_ms)) if fitting else None
+
+
+def pareto_mask(accuracy: list[float | None], latency_ms: list[float | None], size_mb: list[float | None],
+                accepted: list[bool] | None = None) -> list[bool]:
+    """True where no other accepted point is at least as good on all three and better on one.
+
+    A point that failed its guard is never on the front (it is not a real trade-off);
+    a missing number counts as the worst.
+    """
+    accepted = accepted if accepted is not None else [True] * len(accuracy)
+    points = [(-math.inf if a is None else a, math.inf if t is None else t, math.inf if s is None else s)
+              for a, t, s in zip(accuracy, latency_ms, size_mb)]
+    rivals = [p for p, ok in zip(points, accepted) if ok]
+    return [ok and not any(a2 >= a and t2 <= t and s2 <= s and (a2, t2, s2) != (a, t, s) for a2, t2, s2 in rivals)
+            for (a, t, s), ok in zip(points, accepted)]
 
 
 def explain_failure(options: list[Option], budget: Budget) -> str:
