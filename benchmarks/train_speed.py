@@ -35,10 +35,12 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 PLAIN = {"optimizer": "adamw", "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0,
          "augment": "none", "weight_decay": 0.0, "clip_grad_norm": 0.0, "early_stopping": 0}
@@ -105,17 +107,36 @@ def first_hit(run: dict[str, Any], target: float) -> tuple[int, float] | None:
     return None
 
 
-def run_ladder(name: str, out: Path, ladder: list[int], target: float, overrides: dict[str, Any],
-               **common: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Budgets cheapest first; stop at the first whose run reaches the target."""
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe and how its epoch budget is chosen: a ladder (cheapest first), a cap, or the default's budget."""
+
+    label: str
+    overrides: dict[str, Any]
+    budget: str  # "ladder" | "cap" | "default's"
+
+
+def recipes(args: argparse.Namespace) -> list[Recipe]:
+    found = [Recipe("default", DEFAULT, "ladder")]
+    found += [Recipe(name, {**DEFAULT, **change}, "ladder") for name, change in args.variants.items()]
+    found += [Recipe(f"plain, AdamW lr={lr:g}", {**PLAIN, "lr": lr}, "cap") for lr in args.plain_lrs]
+    if args.ablate:
+        found += [Recipe(name, {**DEFAULT, **change}, "default's") for name, change in ABLATIONS.items()]
+    return found
+
+
+def run_recipe(recipe: Recipe, args: argparse.Namespace, default_budget: int | None, out: Path,
+               **common: Any) -> list[dict[str, Any]]:
+    """Ladder: budgets cheapest first, stopping at the first run that reaches the target."""
+    budgets = {"ladder": args.ladder, "cap": [args.cap], "default's": [default_budget or args.ladder[-1]]}
     runs = []
-    for epochs in ladder:
-        run = train_run(name, out, epochs=epochs, overrides=overrides, **common)
+    for epochs in budgets[recipe.budget]:
+        run = train_run(recipe.label, out, epochs=epochs, overrides=recipe.overrides, **common)
         runs.append(run)
-        report_run(run, target)
-        if first_hit(run, target):
+        report_run(run, args.target)
+        if first_hit(run, args.target):
             break
-    return runs, runs[-1]  # the cheapest run that reached the target, else the biggest budget
+    return runs
 
 
 def report_run(run: dict[str, Any], target: float) -> None:
@@ -128,35 +149,27 @@ def report_run(run: dict[str, Any], target: float) -> None:
           f"load {run['load_avg_1min'][0]:.1f}->{run['load_avg_1min'][1]:.1f}", flush=True)
 
 
-def summary_row(label: str, run: dict[str, Any], target: float) -> dict[str, Any]:
+def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every recipe's runs for one seed, by recipe label."""
+    print(f"seed {seed}", flush=True)
+    common = {"data": args.data, "seed": seed, "threads": args.threads}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    default_budget = None
+    for recipe in recipes(args):
+        runs[recipe.label] = run_recipe(recipe, args, default_budget, out, **common)
+        if recipe.label == "default" and first_hit(runs["default"][-1], args.target):
+            default_budget = runs["default"][-1]["epochs"]
+    return runs
+
+
+def row(label: str, runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """The cheapest run that reaches ``target`` (else the last one) and its time to it."""
+    run = next((r for r in runs if first_hit(r, target)), runs[-1])
     hit = first_hit(run, target)
     return {"recipe": label, "budget_epochs": run["epochs"],
             "epochs_to_target": hit[0] if hit else None, "seconds_to_target": hit[1] if hit else None,
-            "test_acc": run["test_acc"], "best_val_acc": run["best_val_acc"],
+            "final_val_acc": run["val_acc"][-1], "test_acc": run["test_acc"],
             "s_per_epoch": statistics.median(run["epoch_train_s"]) + run["overhead_per_epoch_s"]}
-
-
-def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
-    common = {"data": args.data, "seed": seed, "threads": args.threads}
-    target = args.target
-    rows, runs = [], []
-    print(f"seed {seed}", flush=True)
-    ladder_runs, default_run = run_ladder("default", out, args.ladder, target, DEFAULT, **common)
-    runs += ladder_runs
-    rows.append(summary_row("default", default_run, target))
-    budget = default_run["epochs"]
-    for lr in args.plain_lrs:
-        run = train_run(f"plain lr={lr:g}", out, epochs=args.cap, overrides={**PLAIN, "lr": lr}, **common)
-        report_run(run, target)
-        runs.append(run)
-        rows.append(summary_row(f"plain, AdamW lr={lr:g}", run, target))
-    if args.ablate:
-        for name, change in ABLATIONS.items():
-            run = train_run(name, out, epochs=budget, overrides={**DEFAULT, **change}, **common)
-            report_run(run, target)
-            runs.append(run)
-            rows.append(summary_row(name, run, target))
-    return {"seed": seed, "rows": rows, "runs": runs}
 
 
 def median_or_none(values: list[Any]) -> Any:
@@ -164,45 +177,58 @@ def median_or_none(values: list[Any]) -> Any:
     return statistics.median(values) if values else None
 
 
-def combine(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Median over seeds of each recipe's row (a recipe that missed the target in a seed counts as missing)."""
+def summarise(per_seed: list[dict[str, list[dict[str, Any]]]], target: float, baseline: str) -> list[dict[str, Any]]:
+    """Per recipe: medians over seeds, and ``baseline``/recipe time and epoch ratios (per seed, then median)."""
     table = []
-    for i, first in enumerate(per_seed[0]["rows"]):
-        rows = [s["rows"][i] for s in per_seed]
-        merged = {"recipe": first["recipe"], "reached": f"{sum(r['epochs_to_target'] is not None for r in rows)}"
-                                                         f"/{len(rows)}"}
-        for key in ("budget_epochs", "epochs_to_target", "seconds_to_target", "s_per_epoch", "test_acc",
-                    "best_val_acc"):
+    for label in per_seed[0]:
+        rows = [row(label, seed_runs[label], target) for seed_runs in per_seed]
+        base = [row(baseline, seed_runs[baseline], target) for seed_runs in per_seed]
+        merged: dict[str, Any] = {"recipe": label, "reached": sum(r["epochs_to_target"] is not None for r in rows),
+                                  "seeds": len(rows)}
+        for key in ("budget_epochs", "epochs_to_target", "seconds_to_target", "s_per_epoch", "final_val_acc",
+                    "test_acc"):
             merged[key] = median_or_none([r[key] for r in rows])
+        for unit in ("seconds", "epochs"):
+            per = [b[f"{unit}_to_target"] / r[f"{unit}_to_target"] for b, r in zip(base, rows)
+                   if b[f"{unit}_to_target"] and r[f"{unit}_to_target"]]
+            merged[f"{unit}_ratio_per_seed"] = per
+            merged[f"{unit}_ratio"] = median_or_none(per)
         table.append(merged)
     return table
-
-
-def ratios(per_seed: list[dict[str, Any]], plain_label: str) -> dict[str, Any]:
-    """Per seed: plain / default, in seconds and in epochs; then medians."""
-    by_time, by_epochs = [], []
-    for s in per_seed:
-        rows = {r["recipe"]: r for r in s["rows"]}
-        default, plain = rows["default"], rows[plain_label]
-        if default["seconds_to_target"] and plain["seconds_to_target"]:
-            by_time.append(plain["seconds_to_target"] / default["seconds_to_target"])
-            by_epochs.append(plain["epochs_to_target"] / default["epochs_to_target"])
-    return {"time_ratio_per_seed": by_time, "epoch_ratio_per_seed": by_epochs,
-            "time_ratio": median_or_none(by_time), "epoch_ratio": median_or_none(by_epochs)}
 
 
 def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(table: list[dict[str, Any]], target: float) -> None:
-    print(f"\ntime to {target:.1%} val accuracy (medians over seeds)")
-    print(f"| {'recipe':<28} | reached | budget ep | epochs to target | s to target | s/epoch | test acc |")
-    print(f"|{'-' * 30}|---------|-----------|------------------|-------------|---------|----------|")
+def print_table(table: list[dict[str, Any]], target: float, baseline: str) -> None:
+    print(f"\ntime to {target:.1%} val accuracy (medians over seeds; ratio = {baseline} / recipe)")
+    print("| recipe | reached | budget ep | epochs to target | s to target | s/epoch | final val acc | test acc "
+          "| time ratio | epoch ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['recipe']:<28} | {r['reached']:>7} | {fmt(r['budget_epochs'], 'g'):>9} | "
-              f"{fmt(r['epochs_to_target'], 'g'):>16} | {fmt(r['seconds_to_target'], '.0f'):>11} | "
-              f"{fmt(r['s_per_epoch'], '.1f'):>7} | {fmt(r['test_acc'], '.4f'):>8} |")
+        print(f"| {r['recipe']} | {r['reached']}/{r['seeds']} | {fmt(r['budget_epochs'], 'g')} | "
+              f"{fmt(r['epochs_to_target'], 'g')} | {fmt(r['seconds_to_target'], '.0f')} | "
+              f"{fmt(r['s_per_epoch'], '.1f')} | {fmt(r['final_val_acc'], '.4f')} | {fmt(r['test_acc'], '.4f')} | "
+              f"{fmt(r['seconds_ratio'], '.2f')} | {fmt(r['epochs_ratio'], '.2f')} |")
+
+
+def print_sensitivity(per_seed: list[dict[str, list[dict[str, Any]]]], targets: list[float], baseline: str) -> None:
+    """The same runs scored at lower targets: how much the ratio depends on the target chosen."""
+    print(f"\nratio {baseline} / default at other targets (same runs; seconds, epochs; medians over seeds)")
+    for target in targets:
+        r = next(t for t in summarise(per_seed, target, baseline) if t["recipe"] == "default")
+        print(f"  {target:.1%}: {fmt(r['seconds_ratio'], '.2f')}x time, {fmt(r['epochs_ratio'], '.2f')}x epochs "
+              f"(per seed {', '.join(f'{x:.2f}' for x in r['seconds_ratio_per_seed'])})")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:key=value,key=value"`` -> (name, overrides of the default recipe)."""
+    name, _, body = text.partition(":")
+    pairs = [item.split("=", 1) for item in body.split(",") if item]
+    if not name or not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME:key=value[,key=value]")
+    return name, {key.strip(): yaml.safe_load(value) for key, value in pairs}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -210,21 +236,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="~1-minute smoke run (small data, low target)")
     parser.add_argument("--json", type=Path, help="write raw results (every run's curve) here")
     parser.add_argument("--n", type=int, default=12_000, help="images generated (70/15/15 split)")
+    parser.add_argument("--size", type=int, default=32, help="image side, pixels")
     parser.add_argument("--target", type=float, default=0.99, help="validation accuracy to reach")
-    parser.add_argument("--ladder", default="2,3,4,6", help="default recipe's epoch budgets, cheapest first")
+    parser.add_argument("--ladder", default="3,4,6", help="default recipe's epoch budgets, cheapest first")
     parser.add_argument("--cap", type=int, default=10, help="plain recipe's epoch cap")
-    parser.add_argument("--plain-lrs", default="1e-3", help="plain recipe's learning rates, comma-separated")
+    parser.add_argument("--plain-lrs", default="1e-3", help="plain recipe's learning rates, comma-separated; "
+                                                             "the first is the baseline of the ratios")
     parser.add_argument("--seeds", default="0,1", help="seeds (model init, shuffling, split), comma-separated")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded box)")
-    parser.add_argument("--ablate", action="store_true", help="also run the default minus one ingredient")
+    parser.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME:k=v,...",
+                        help="also run the default recipe with these options changed, on the same ladder")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also run the default minus one ingredient at a time, at the default's budget")
     parser.add_argument("--keep", type=Path, help="keep the run folders here (default: a temp folder)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.target, args.ladder, args.cap, args.seeds = 4000, 0.5, "3", 4, "0"
+        # a smoke run of every code path: 16 px images, one budget, a low target
+        args.n, args.size, args.target, args.ladder, args.cap, args.seeds = 3000, 16, 0.4, "4", 4, "0"
     args.ladder = [int(e) for e in args.ladder.split(",")]
     args.plain_lrs = [float(lr) for lr in args.plain_lrs.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.data = f"builtin:shapes?n={args.n}&size=32&seed=0"
+    args.variants = dict(args.variant)
+    args.data = f"builtin:shapes?n={args.n}&size={args.size}&seed=0"
     return args
 
 
@@ -241,23 +274,17 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="lensforge-train-speed-") as tmp:
         out = args.keep or Path(tmp)
         per_seed = [one_seed(args, seed, out) for seed in args.seeds]
-    table = combine(per_seed)
-    print_table(table, args.target)
-    summary = {"plain": {}}
-    for lr in args.plain_lrs:
-        label = f"plain, AdamW lr={lr:g}"
-        summary["plain"][label] = r = ratios(per_seed, label)
-        print(f"{label} / default: time-to-target ratio {fmt(r['time_ratio'], '.2f')}x "
-              f"(per seed {', '.join(f'{x:.2f}' for x in r['time_ratio_per_seed'])}); "
-              f"epochs-to-target ratio {fmt(r['epoch_ratio'], '.2f')}x "
-              f"(per seed {', '.join(f'{x:.2f}' for x in r['epoch_ratio_per_seed'])})")
+    baseline = f"plain, AdamW lr={args.plain_lrs[0]:g}"
+    table = summarise(per_seed, args.target, baseline)
+    print_table(table, args.target, baseline)
+    targets = [t for t in (0.95, 0.97, 0.98, 0.985, 0.99, 0.995) if t < args.target]
+    print_sensitivity(per_seed, targets, baseline)
     wall = time.perf_counter() - started
-    print(f"benchmark wall time {wall:.0f} s; load average now {load_average():.2f}")
+    print(f"\nbenchmark wall time {wall:.0f} s; load average now {load_average():.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "table": table, "ratios": summary, "per_seed": per_seed,
-                                         "wall_s": wall}, indent=1))
+                                         "table": table, "per_seed": per_seed, "wall_s": wall}, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from lensforge.deploy.hardware import CpuInfo
 from lensforge.errors import ArtifactError
 from lensforge.report import RunFiles, list_sections, write_report
 from lensforge.report.deployment import deployment_section
-from lensforge.select import pareto_mask
-from lensforge.select import Budget, Option, SelectResult, _mark
+from lensforge.select import Budget, Option, SelectResult, _mark, pareto_mask
 
 from .conftest import CLASS_NAMES, make_run, write_run_json
 

@@ -7,9 +7,14 @@ imports torch: ``lensforge predict`` and the server run on it alone.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -18,13 +23,15 @@ import onnxruntime as ort
 
 from lensforge.data.preprocess import Preprocess, normalize
 from lensforge.errors import ArtifactError, UsageError
-from lensforge.utils.io import sha256_file
+from lensforge.utils.io import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file
 
 BUNDLE_FORMAT = "lensforge-bundle"
 FORMAT_VERSION = 1  # bump when a reader of the old version would misread a new bundle
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 _REQUIRED_KEYS = ("task", "class_names", "preprocess", "inputs", "outputs", "files")
+# keys derive_bundle owns: a caller's ``updates`` may not set them
+_DERIVED_KEYS = ("format", "format_version", "files", "created", "parent", "precision")
 
 
 def bundle_file_hashes(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -229,3 +236,102 @@ def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+def derive_bundle(
+    parent: Bundle | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    model: str | os.PathLike[str] | bytes,
+    *,
+    precision: str,
+    updates: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle with a new ``model.onnx`` (quantized, pruned, ...) made from ``parent``'s.
+
+    The manifest is the parent's with ``precision``, ``parent`` (``{"path", "model_sha256"}``),
+    ``updates`` merged over the top-level keys, fresh file hashes and ``created``. The parent's
+    ``metrics`` and ``parity`` described its own model, so they are dropped unless ``updates``
+    gives new ones. Its other listed files (OOD, drift statistics) are copied unchanged and
+    re-checked against its hashes. The new model must load in ONNX Runtime with the parent's
+    input name and the ``logits`` and ``features`` outputs. The folder is built as a hidden
+    sibling and moved into place when complete; on failure it is removed and an existing
+    bundle at ``out_dir`` is left as it was.
+
+    Raises:
+        UsageError: ``out_dir`` is the parent, or a folder that is not a bundle; reserved keys in
+            ``updates``.
+        ArtifactError: the parent is altered, or the new model does not load or lacks an output.
+    """
+    parent = parent if isinstance(parent, Bundle) else load_bundle(parent)
+    out_dir = Path(out_dir)
+    updates = dict(updates or {})
+    _check_derive_args(parent, out_dir, updates)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; bundles are meant to be shared
+        _copy_companion_files(parent, tmp)
+        data = model if isinstance(model, bytes) else Path(model).read_bytes()
+        atomic_write_bytes(tmp / MODEL_FILE, data)
+        _check_derived_model(tmp / MODEL_FILE, parent.input_name)
+        manifest = copy.deepcopy(parent.manifest)
+        manifest.pop("parity", None)
+        manifest["metrics"] = {}
+        manifest["precision"] = precision
+        manifest["parent"] = {
+            "path": str(parent.path.resolve()),
+            "model_sha256": parent.manifest["files"][MODEL_FILE]["sha256"],
+        }
+        manifest.update(updates)
+        manifest["files"] = bundle_file_hashes(tmp)
+        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_derive_args(parent: Bundle, out_dir: Path, updates: dict[str, Any]) -> None:
+    reserved = sorted(set(updates) & set(_DERIVED_KEYS))
+    if reserved:
+        raise UsageError(f"derive_bundle sets {', '.join(reserved)} itself; remove them from updates")
+    if out_dir.resolve() == parent.path.resolve():
+        raise UsageError(f"{out_dir}: a derived bundle cannot replace its parent; choose another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a folder; choose another bundle path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_bundle(out_dir):
+        raise UsageError(f"{out_dir}: folder is not empty and not a bundle; refusing to replace it")
+
+
+def _copy_companion_files(parent: Bundle, tmp: Path) -> None:
+    """Copy every file the parent lists but its model, checking each copy against the parent's hash."""
+    for name, entry in parent.manifest["files"].items():
+        if name == MODEL_FILE:
+            continue
+        data = _listed_file(parent.path, name, parent.path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise ArtifactError(
+                f"bundle {parent.path}: {name} sha256 mismatch: the file was altered or damaged"
+            )
+        atomic_write_bytes(_listed_file(tmp, name, parent.path), data)
+
+
+def _check_derived_model(path: Path, input_name: str) -> None:
+    """The derived model must load and keep the bundle's input and ``logits``/``features`` outputs."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises several unrelated types for a bad file
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"derived {MODEL_FILE}: ONNX Runtime cannot load it ({cause})") from e
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = {o.name for o in session.get_outputs()}
+    missing = [name for name in ("logits", "features") if name not in outputs]
+    if inputs != [input_name] or missing:
+        raise ArtifactError(
+            f"derived {MODEL_FILE}: needs input {input_name!r} and outputs logits, features; "
+            f"has inputs {inputs} and outputs {sorted(outputs)}"
+        )
