@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +37,13 @@ def tree_digest(root: Path) -> str:
             h.update(p.read_bytes())
             h.update(str(p.stat().st_mtime_ns).encode())
     return h.hexdigest()
+
+
+LENSFORGE = shutil.which("lensforge", path=str(Path(sys.executable).parent)) or "lensforge"
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``lensforge`` console script (a real subprocess)."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([LENSFORGE, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
+                          check=False)

@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import tree_digest, write_image_folder
-
-LENSFORGE = shutil.which("lensforge", path=str(Path(sys.executable).parent)) or "lensforge"
-
-
-def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([LENSFORGE, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+from helpers import LENSFORGE, run, tree_digest, write_image_folder
 
 
 def test_help_lists_commands():

@@ -1,0 +1,45 @@
+"""bench / compress / select / autopilot-with-budget through the console entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8", "--epochs", "3",
+                 "--out", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    assert run("export", str(out)).returncode == 0
+    return out
+
+
+def test_bench_writes_json_beside_the_run(trained):
+    result = run("bench", str(trained), "--batch", "1,4", "--backend", "torch,onnxruntime")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((trained / "bench.json").read_text())
+    rows = {(r["backend"], r["batch"]) for r in report["rows"]}
+    assert rows == {("torch", 1), ("torch", 4), ("onnxruntime", 1), ("onnxruntime", 4)}
+    bad = run("bench", str(trained), "--backend", "onnxruntme")
+    assert bad.returncode == 2 and "onnxruntime" in bad.stderr
+
+
+def test_compress_int8_prints_variants_and_reports(trained):
+    result = run("compress", str(trained), "--quantize", "int8", "--max-drop", "2")
+    assert result.returncode == 0, result.stderr
+    assert "int8" in result.stdout and "accuracy" in result.stdout
+    assert "Deployment" in (trained / "report.html").read_text()
+    bad = run("compress", str(trained), "--quantize", "int4")
+    assert bad.returncode == 2 and "quantize" in bad.stderr
+
+
+@pytest.mark.slow
+def test_autopilot_budget_not_met_says_by_how_much(tmp_path):
+    result = run("autopilot", "--max-latency-ms", "0.000001", "--epochs", "1", "--out", str(tmp_path / "a"), "-q")
+    assert result.returncode == 3
+    assert "latency" in result.stderr and "x over" in result.stderr
+    assert not (tmp_path / "a" / "summary.json").exists() and not (tmp_path / "a" / "bundle").exists()
