@@ -107,16 +107,15 @@ def _budgeted(data: str, out_dir: Path, budget: Any, *, epochs: int | None, seed
     from lensforge.compress.measure import load_test_set
     from lensforge.report import write_report
     from lensforge.select import select
-    from lensforge.utils.io import replace_dir
+    from lensforge.utils.io import replace_dir, staging_dir
 
     started = time.perf_counter()
     console.rule(f"[bold]lensforge autopilot[/] under a budget: {budget.model_dump(exclude_none=True)}")
     result = select(data, budget, out=out_dir, epochs=epochs or 15, seed=seed, console=console)
     chosen, run_dir = result.chosen, result.chosen_run
     test = load_test_set(run_dir).metrics(Path(chosen.bundle))
-    staging = out_dir / ".bundle.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(chosen.bundle, staging)
+    staging = staging_dir(out_dir / "bundle")
+    shutil.copytree(chosen.bundle, staging, dirs_exist_ok=True)
     replace_dir(staging, out_dir / "bundle")
     for candidate_run in sorted((out_dir / "candidates").iterdir()):
         write_report(candidate_run)

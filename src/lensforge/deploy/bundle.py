@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -23,7 +22,7 @@ import onnxruntime as ort
 
 from lensforge.data.preprocess import Preprocess, normalize
 from lensforge.errors import ArtifactError, UsageError
-from lensforge.utils.io import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file
+from lensforge.utils.io import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file, staging_dir
 
 BUNDLE_FORMAT = "lensforge-bundle"
 FORMAT_VERSION = 1  # bump when a reader of the old version would misread a new bundle
@@ -266,10 +265,8 @@ def derive_bundle(
     out_dir = Path(out_dir)
     updates = dict(updates or {})
     _check_derive_args(parent, out_dir, updates)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bundle.tmp-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; bundles are meant to be shared
         _copy_companion_files(parent, tmp)
         data = model if isinstance(model, bytes) else Path(model).read_bytes()
         atomic_write_bytes(tmp / MODEL_FILE, data)

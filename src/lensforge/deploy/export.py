@@ -40,7 +40,7 @@ from lensforge.deploy.bundle import (
     is_bundle,
 )
 from lensforge.errors import ExportError, UsageError
-from lensforge.utils.io import atomic_write_json, replace_dir
+from lensforge.utils.io import atomic_write_json, replace_dir, staging_dir
 
 log = logging.getLogger(__name__)
 OUTPUT_NAMES = ("logits", "features")
@@ -140,6 +140,7 @@ def _export_to(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the model ships to others
     try:
         with _eval_mode(wrapper), _quiet_exporter():
             if dynamo:
@@ -363,8 +364,7 @@ def write_bundle(
         raise UsageError(
             f"model {model_name} outputs {logits_dims} logits but {len(class_names)} class names were given"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".bundle.tmp-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         log.info("exporting %s to ONNX", model_name)
         exported = export_onnx_result(wrapper, pre, tmp / MODEL_FILE, opset=opset)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lensforge.errors import ArtifactError
-from lensforge.utils.io import atomic_write_json, sha256_file
+from lensforge.utils.io import atomic_write_json, sha256_file, staging_dir
 
 KEEP_CHECKPOINTS = 2  # the newest and one before it, in case the newest is damaged on disk
 
@@ -82,7 +81,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"epoch-{ckpt.epoch:04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp = staging_dir(root / name)
     opt_tensors, opt_meta = _flatten_optimizer(ckpt.optimizer)
     save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.model.items()}, tmp / "model.safetensors")
     save_file(opt_tensors, tmp / "optimizer.safetensors")
@@ -109,7 +108,7 @@ def _prune(root: Path, keep: str) -> None:
     for old in done[:-KEEP_CHECKPOINTS]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".epoch-*"):  # temporary folders of a killed write
+    for stale in root.glob(".epoch-*.tmp-*"):  # temporary folders of a killed write
         shutil.rmtree(stale, ignore_errors=True)
 
 

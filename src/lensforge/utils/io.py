@@ -86,6 +86,14 @@ def fresh_dir(parent: str | os.PathLike[str], name: str) -> Path:
     return candidate
 
 
+def staging_dir(final_dir: Path) -> Path:
+    """A fresh hidden sibling of ``final_dir`` to build it in, readable by others like any artifact."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+    return tmp
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written ``tmp_dir`` into place as ``final_dir`` (old one removed)."""
     if final_dir.exists():
