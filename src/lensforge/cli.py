@@ -63,6 +63,10 @@ def train(
     cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 = off).")] = None,
     ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="Keep an EMA of the weights and evaluate it.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (splits, init, order, augmentation).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Distil from this run or bundle (KL to its soft targets + CE).")] = None,
+    distill_alpha: Annotated[float | None, typer.Option(help="Weight of the teacher's soft targets (0-1, default 0.5).")] = None,
+    distill_temperature: Annotated[float | None, typer.Option(help="Softmax temperature for distillation (default 4).")] = None,
+    splits_file: Annotated[str | None, typer.Option(help="Reuse a run's splits.json (e.g. the teacher's) for the same split.")] = None,
     on_bad_image: Annotated[BadImage | None, typer.Option(help="What to do with unreadable images.")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log to TensorBoard.")] = None,
     max_train_batches: Annotated[int | None, typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
@@ -81,7 +85,8 @@ def train(
     cfg = resolve_config(config, data=data, model=model, out=out_dir, epochs=epochs, batch_size=batch_size,
                          lr=lr, optimizer=optimizer, schedule=schedule, image_size=image_size,
                          pretrained=pretrained, transfer=transfer, augment=augment, mixup=mixup, cutmix=cutmix,
-                         weight_decay=weight_decay, label_smoothing=label_smoothing,
+                         weight_decay=weight_decay, label_smoothing=label_smoothing, teacher=teacher,
+                         distill_alpha=distill_alpha, distill_temperature=distill_temperature, splits_file=splits_file,
                          ema=ema, seed=seed, on_bad_image=on_bad_image.value if on_bad_image else None,
                          tensorboard=tensorboard, max_train_batches=max_train_batches)
     if resume and out_dir is None and config is None:

@@ -43,3 +43,14 @@ def test_autopilot_budget_not_met_says_by_how_much(tmp_path):
     assert result.returncode == 3
     assert "latency" in result.stderr and "x over" in result.stderr
     assert not (tmp_path / "a" / "summary.json").exists() and not (tmp_path / "a" / "bundle").exists()
+
+
+def test_train_with_teacher_distils(trained, tmp_path):
+    result = run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8", "--epochs", "1",
+                 "--max-train-batches", "3", "--teacher", str(trained / "bundle"),
+                 "--splits-file", str(trained / "splits.json"), "--out", str(tmp_path / "student"), "-q")
+    assert result.returncode == 0, result.stderr
+    info = json.loads((tmp_path / "student" / "run.json").read_text())
+    assert info["teacher"] == str(trained / "bundle")
+    assert json.loads((tmp_path / "student" / "splits.json").read_text())["test"] == json.loads(
+        (trained / "splits.json").read_text())["test"]
