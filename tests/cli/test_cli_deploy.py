@@ -54,3 +54,19 @@ def test_train_with_teacher_distils(trained, tmp_path):
     assert info["teacher"] == str(trained / "bundle")
     assert json.loads((tmp_path / "student" / "splits.json").read_text())["test"] == json.loads(
         (trained / "splits.json").read_text())["test"]
+
+
+def test_cli_predict_never_imports_torch(trained, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("L", (8, 8), 200).save(tmp_path / "x.png")
+    code = ("import sys; sys.modules['torch'] = None; "  # any torch import now fails
+            f"sys.argv = ['lensforge', 'predict', {str(trained / 'bundle')!r}, {str(tmp_path / 'x.png')!r}]; "
+            "from lensforge.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.strip().splitlines()[0])
+    assert row["label"] in [str(d) for d in range(10)] and 0 < row["confidence"] <= 1
