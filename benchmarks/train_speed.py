@@ -27,24 +27,31 @@ ratio is printed next to the time ratio, as the load-independent figure.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shutil
-import statistics
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
-import yaml
+# Idle OpenMP threads must sleep, not spin, as the lensforge CLI and tests arrange: on a shared
+# 2-core machine spinning threads make training many times slower and the timings measure the
+# neighbours. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 PLAIN = {"optimizer": "adamw", "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0,
          "augment": "none", "weight_decay": 0.0, "clip_grad_norm": 0.0, "early_stopping": 0}
 DEFAULT: dict[str, Any] = {"early_stopping": 0}  # lensforge defaults; no early stop so runs compare
+COST_PROBE_STEPS = 12  # training steps per recipe and round when timing the per-image cost interleaved
 # One ingredient of the default recipe off at a time (the rest stays default).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "default -schedule": {"schedule": "constant", "warmup_epochs": 0},
@@ -63,7 +70,8 @@ def machine() -> dict[str, Any]:
     import lensforge
 
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "lensforge": lensforge.__version__}
+            "torch": torch.__version__, "timm": timm.__version__, "lensforge": lensforge.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def load_average() -> float:
@@ -93,6 +101,7 @@ def train_run(name: str, out: Path, *, data: str, epochs: int, seed: int, thread
         cumulative.append(total)
     test = evaluate(run_dir, split="test", write=False).metrics
     return {"name": name, "epochs": epochs, "seed": seed, "lr": result.resolved.lr,
+            "batch_size": result.resolved.batch_size,
             "val_acc": [row["val_acc"] for row in result.history], "epoch_train_s": train_s,
             "overhead_per_epoch_s": overhead_s, "cumulative_s": cumulative,
             "best_val_acc": result.best_val_acc, "test_acc": test["accuracy"],
@@ -117,11 +126,12 @@ class Recipe:
 
 
 def recipes(args: argparse.Namespace) -> list[Recipe]:
-    found = [Recipe("default", DEFAULT, "ladder")]
-    found += [Recipe(name, {**DEFAULT, **change}, "ladder") for name, change in args.variants.items()]
-    found += [Recipe(f"plain, AdamW lr={lr:g}", {**PLAIN, "lr": lr}, "cap") for lr in args.plain_lrs]
+    shared = {"batch_size": args.batch_size} if args.batch_size else {}  # --batch-size applies to every recipe
+    found = [Recipe("default", {**DEFAULT, **shared}, "ladder")]
+    found += [Recipe(name, {**DEFAULT, **shared, **change}, "ladder") for name, change in args.variants.items()]
+    found += [Recipe(f"plain, AdamW lr={lr:g}", {**PLAIN, **shared, "lr": lr}, "cap") for lr in args.plain_lrs]
     if args.ablate:
-        found += [Recipe(name, {**DEFAULT, **change}, "default's") for name, change in ABLATIONS.items()]
+        found += [Recipe(name, {**DEFAULT, **shared, **change}, "default's") for name, change in ABLATIONS.items()]
     return found
 
 
@@ -143,10 +153,35 @@ def report_run(run: dict[str, Any], target: float) -> None:
     hit = first_hit(run, target)
     curve = " ".join(f"{a:.3f}" for a in run["val_acc"])
     where = f"hit at epoch {hit[0]} ({hit[1]:.0f} s)" if hit else "target not reached"
-    print(f"  {run['name']:<26} seed {run['seed']} lr {run['lr']:.0e} {run['epochs']:>2} ep: "
+    print(f"  {run['name']:<26} seed {run['seed']} bs {run['batch_size']} lr {run['lr']:.3g} {run['epochs']:>2} ep: "
           f"{where}; test {run['test_acc']:.4f}; val {curve}; "
           f"epoch {statistics.median(run['epoch_train_s']):.1f}+{run['overhead_per_epoch_s']:.1f} s; "
           f"load {run['load_avg_1min'][0]:.1f}->{run['load_avg_1min'][1]:.1f}", flush=True)
+
+
+def image_costs(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Training seconds per image of each recipe, timed interleaved (round-robin, median over rounds).
+
+    Load on a shared machine drifts between the long runs of the ladder; timing a few steps of every
+    recipe in turn, several rounds, gives a per-epoch cost ratio that the drift hits alike. The cost of
+    a step does not depend on the data set's size, so a small one keeps this quick.
+    """
+    from rich.console import Console
+
+    from lensforge.train import resolve_config, train
+
+    probe_data = f"builtin:shapes?n=3000&size={args.size}&seed=0"
+    timed = [r for r in recipes(args) if r.budget != "default's"]
+    samples: dict[str, list[float]] = {r.label: [] for r in timed}
+    for round_ in range(args.cost_rounds):
+        for i, recipe in enumerate(timed):
+            run_dir = out / f"cost_probe_{i}_{round_}"
+            cfg = resolve_config(None, data=probe_data, model="tinycnn_s", out=str(run_dir), epochs=1, seed=0,
+                                 threads=args.threads, max_train_batches=COST_PROBE_STEPS, **recipe.overrides)
+            row = train(cfg, show_progress=False, console=Console(quiet=True)).history[0]
+            samples[recipe.label].append(1 / row["images_per_s"])
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return {label: statistics.median(values) for label, values in samples.items()}
 
 
 def one_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, list[dict[str, Any]]]:
@@ -177,24 +212,51 @@ def median_or_none(values: list[Any]) -> Any:
     return statistics.median(values) if values else None
 
 
-def summarise(per_seed: list[dict[str, list[dict[str, Any]]]], target: float, baseline: str) -> list[dict[str, Any]]:
-    """Per recipe: medians over seeds, and ``baseline``/recipe time and epoch ratios (per seed, then median)."""
+def total(run: dict[str, Any], unit: str) -> float:
+    return run["cumulative_s"][-1] if unit == "seconds" else run["epochs"]
+
+
+def summarise(per_seed: list[dict[str, list[dict[str, Any]]]], target: float, baseline: str,
+              costs: dict[str, float]) -> list[dict[str, Any]]:
+    """Per recipe: medians over seeds, and ``baseline``/recipe time and epoch ratios (per seed, then median).
+
+    Where the baseline misses the target within its cap, its whole run stands in and the ratio is a
+    lower bound (flagged).
+    """
     table = []
     for label in per_seed[0]:
         rows = [row(label, seed_runs[label], target) for seed_runs in per_seed]
-        base = [row(baseline, seed_runs[baseline], target) for seed_runs in per_seed]
         merged: dict[str, Any] = {"recipe": label, "reached": sum(r["epochs_to_target"] is not None for r in rows),
                                   "seeds": len(rows)}
         for key in ("budget_epochs", "epochs_to_target", "seconds_to_target", "s_per_epoch", "final_val_acc",
                     "test_acc"):
             merged[key] = median_or_none([r[key] for r in rows])
         for unit in ("seconds", "epochs"):
-            per = [b[f"{unit}_to_target"] / r[f"{unit}_to_target"] for b, r in zip(base, rows)
-                   if b[f"{unit}_to_target"] and r[f"{unit}_to_target"]]
+            per, lower_bound = [], False
+            for seed_runs, r in zip(per_seed, rows):
+                base = row(baseline, seed_runs[baseline], target)
+                if r[f"{unit}_to_target"] is None:
+                    continue
+                if base[f"{unit}_to_target"] is None:
+                    lower_bound = True
+                    per.append(total(seed_runs[baseline][-1], unit) / r[f"{unit}_to_target"])
+                else:
+                    per.append(base[f"{unit}_to_target"] / r[f"{unit}_to_target"])
             merged[f"{unit}_ratio_per_seed"] = per
-            merged[f"{unit}_ratio"] = median_or_none(per)
+            merged[f"{unit}_ratio"] = median_or_none(per) if len(per) == len(rows) else None
+            merged[f"{unit}_ratio_is_lower_bound"] = lower_bound
+        # epochs ratio x per-image cost ratio timed interleaved: a time ratio that load drift cannot skew
+        cost_ratio = costs[baseline] / costs[label] if label in costs else None
+        merged["adjusted_ratio"] = (merged["epochs_ratio"] * cost_ratio
+                                    if merged["epochs_ratio"] is not None and cost_ratio else None)
+        merged["adjusted_ratio_is_lower_bound"] = merged["epochs_ratio_is_lower_bound"]
         table.append(merged)
     return table
+
+
+def fmt_ratio(r: dict[str, Any], unit: str) -> str:
+    value = fmt(r[f"{unit}_ratio"], ".2f")
+    return f">={value}" if r[f"{unit}_ratio_is_lower_bound"] and value != "-" else value
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -204,21 +266,23 @@ def fmt(value: Any, spec: str) -> str:
 def print_table(table: list[dict[str, Any]], target: float, baseline: str) -> None:
     print(f"\ntime to {target:.1%} val accuracy (medians over seeds; ratio = {baseline} / recipe)")
     print("| recipe | reached | budget ep | epochs to target | s to target | s/epoch | final val acc | test acc "
-          "| time ratio | epoch ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| time ratio | epoch ratio | load-adjusted time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['recipe']} | {r['reached']}/{r['seeds']} | {fmt(r['budget_epochs'], 'g')} | "
               f"{fmt(r['epochs_to_target'], 'g')} | {fmt(r['seconds_to_target'], '.0f')} | "
               f"{fmt(r['s_per_epoch'], '.1f')} | {fmt(r['final_val_acc'], '.4f')} | {fmt(r['test_acc'], '.4f')} | "
-              f"{fmt(r['seconds_ratio'], '.2f')} | {fmt(r['epochs_ratio'], '.2f')} |")
+              f"{fmt_ratio(r, 'seconds')} | {fmt_ratio(r, 'epochs')} | {fmt_ratio(r, 'adjusted')} |")
 
 
-def print_sensitivity(per_seed: list[dict[str, list[dict[str, Any]]]], targets: list[float], baseline: str) -> None:
+def print_sensitivity(per_seed: list[dict[str, list[dict[str, Any]]]], targets: list[float], baseline: str,
+                      costs: dict[str, float]) -> None:
     """The same runs scored at lower targets: how much the ratio depends on the target chosen."""
     print(f"\nratio {baseline} / default at other targets (same runs; seconds, epochs; medians over seeds)")
     for target in targets:
-        r = next(t for t in summarise(per_seed, target, baseline) if t["recipe"] == "default")
-        print(f"  {target:.1%}: {fmt(r['seconds_ratio'], '.2f')}x time, {fmt(r['epochs_ratio'], '.2f')}x epochs "
+        r = next(t for t in summarise(per_seed, target, baseline, costs) if t["recipe"] == "default")
+        print(f"  {target:.1%}: {fmt_ratio(r, 'seconds')}x time, {fmt_ratio(r, 'epochs')}x epochs, "
+              f"{fmt_ratio(r, 'adjusted')}x load-adjusted time "
               f"(per seed {', '.join(f'{x:.2f}' for x in r['seconds_ratio_per_seed'])})")
 
 
@@ -242,17 +306,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cap", type=int, default=10, help="plain recipe's epoch cap")
     parser.add_argument("--plain-lrs", default="1e-3", help="plain recipe's learning rates, comma-separated; "
                                                              "the first is the baseline of the ratios")
+    parser.add_argument("--batch-size", type=int, help="batch size of every recipe (default: lensforge's, 128); "
+                                                          "the default recipe's lr follows it (sqrt scaling)")
     parser.add_argument("--seeds", default="0,1", help="seeds (model init, shuffling, split), comma-separated")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded box)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME:k=v,...",
                         help="also run the default recipe with these options changed, on the same ladder")
+    parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of the interleaved per-image cost timing")
     parser.add_argument("--ablate", action="store_true",
                         help="also run the default minus one ingredient at a time, at the default's budget")
     parser.add_argument("--keep", type=Path, help="keep the run folders here (default: a temp folder)")
     args = parser.parse_args(argv)
     if args.quick:
         # a smoke run of every code path: 16 px images, one budget, a low target
-        args.n, args.size, args.target, args.ladder, args.cap, args.seeds = 3000, 16, 0.4, "4", 4, "0"
+        args.n, args.size, args.target, args.ladder, args.cap, args.seeds = 6000, 16, 0.3, "4", 4, "0"
+        args.cost_rounds = 2
     args.ladder = [int(e) for e in args.ladder.split(",")]
     args.plain_lrs = [float(lr) for lr in args.plain_lrs.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -266,25 +334,30 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores; python {info['python']}, torch {info['torch']}, "
-          f"timm {info['timm']}, lensforge {info['lensforge']}; {args.threads} torch threads; "
+          f"timm {info['timm']}, lensforge {info['lensforge']}; {args.threads} torch threads, "
+          f"OMP_WAIT_POLICY={info['omp_wait_policy']}; "
           f"load average {load_average():.2f}")
     print(f"data {args.data}; target val acc {args.target:.1%}; default ladder {args.ladder}; "
-          f"plain cap {args.cap} epochs", flush=True)
+          f"plain cap {args.cap} epochs; batch size {args.batch_size or 'default'}", flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lensforge-train-speed-") as tmp:
         out = args.keep or Path(tmp)
         per_seed = [one_seed(args, seed, out) for seed in args.seeds]
+        costs = image_costs(args, out)
     baseline = f"plain, AdamW lr={args.plain_lrs[0]:g}"
-    table = summarise(per_seed, args.target, baseline)
+    print(f"\ntraining cost per image, {COST_PROBE_STEPS} steps x {args.cost_rounds} rounds interleaved: "
+          + ", ".join(f"{label} {seconds * 1e3:.2f} ms" for label, seconds in costs.items()))
+    table = summarise(per_seed, args.target, baseline, costs)
     print_table(table, args.target, baseline)
     targets = [t for t in (0.95, 0.97, 0.98, 0.985, 0.99, 0.995) if t < args.target]
-    print_sensitivity(per_seed, targets, baseline)
+    print_sensitivity(per_seed, targets, baseline, costs)
     wall = time.perf_counter() - started
     print(f"\nbenchmark wall time {wall:.0f} s; load average now {load_average():.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "table": table, "per_seed": per_seed, "wall_s": wall}, indent=1))
+                                         "table": table, "image_cost_s": costs, "per_seed": per_seed,
+                                         "wall_s": wall}, indent=1))
 
 
 if __name__ == "__main__":
