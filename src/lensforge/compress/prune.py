@@ -146,7 +146,16 @@ def prune_model(
             on_step(PruneStep(step=step, steps=iterative_steps, ratio=ratio * step / iterative_steps,
                               params=params, macs=macs))
     macs_after, params_after = _count(model, example_input)
-    structure = {
+    structure = _structure_op(model, ratio, iterative_steps, round_to, importance, ignored)
+    return PruneReport(params_before=params_before, params_after=params_after, macs_before=macs_before,
+                       macs_after=macs_after, ratio=ratio, steps=iterative_steps, importance=importance,
+                       structure=structure)
+
+
+def _structure_op(model: nn.Module, ratio: float, iterative_steps: int, round_to: int | None, importance: str,
+                  ignored: Any) -> dict[str, Any]:
+    """The JSON-able record of a pruning, enough for :func:`replay_structure` to rebuild the shapes."""
+    return {
         "op": PRUNE_OP,
         "ratio": ratio,
         "iterative_steps": iterative_steps,
@@ -156,9 +165,6 @@ def prune_model(
         "torch_pruning": _torch_pruning_version(),
         "shapes_sha256": shapes_fingerprint(model),
     }
-    return PruneReport(params_before=params_before, params_after=params_after, macs_before=macs_before,
-                       macs_after=macs_after, ratio=ratio, steps=iterative_steps, importance=importance,
-                       structure=structure)
 
 
 def replay_structure(model: nn.Module, ops: Sequence[dict[str, Any]], example_input: torch.Tensor) -> nn.Module:

@@ -178,6 +178,26 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
+def _adapt_first_conv(model: torch.nn.Module, model_state: Mapping[str, Tensor], state: dict[str, Tensor],
+                      cfg: Mapping[str, Any]) -> bool:
+    """Adapt a first conv pretrained on other input channels in ``state`` (in place); True if done."""
+    from timm.models._manipulate import adapt_input_conv
+
+    adapted = False
+    for key in _param_keys(model_state, cfg.get("first_conv") or _first_conv_name(model)):
+        weight, target = state.get(key), model_state[key]
+        if (
+            weight is not None
+            and weight.ndim == 4
+            and weight.shape != target.shape
+            and weight.shape[0] == target.shape[0]
+            and weight.shape[2:] == target.shape[2:]
+        ):
+            state[key] = adapt_input_conv(target.shape[1], weight, base_chans=weight.shape[1])
+            adapted = True
+    return adapted
+
+
 def apply_pretrained(
     model: torch.nn.Module,
     state: Mapping[str, Tensor],
@@ -191,24 +211,10 @@ def apply_pretrained(
     timm's ``adapt_input_conv`` (1 channel: RGB weights summed). Any other missing,
     unexpected or mis-shaped key raises UsageError, so nothing is silently left random.
     """
-    from timm.models._manipulate import adapt_input_conv
-
     model_state = model.state_dict()
     state = dict(state)
     cfg = getattr(model, "pretrained_cfg", None) or {}
-
-    adapted_input = False
-    for key in _param_keys(model_state, cfg.get("first_conv") or _first_conv_name(model)):
-        weight, target = state.get(key), model_state[key]
-        if (
-            weight is not None
-            and weight.ndim == 4
-            and weight.shape != target.shape
-            and weight.shape[0] == target.shape[0]
-            and weight.shape[2:] == target.shape[2:]
-        ):
-            state[key] = adapt_input_conv(target.shape[1], weight, base_chans=weight.shape[1])
-            adapted_input = True
+    adapted_input = _adapt_first_conv(model, model_state, state, cfg)
 
     missing = [key for key in model_state if key not in state]
     unexpected = [key for key in state if key not in model_state]
