@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 def make_run(args: argparse.Namespace) -> Path:
     """A resnet18 run at ``args.size`` px (one training batch) with its fp32 bundle."""

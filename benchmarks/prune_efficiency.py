@@ -13,7 +13,9 @@ than -0.5 points.
 3. interleaved batch-1 latency of unpruned vs pruned, PyTorch eager and ONNX Runtime;
    efficiency = speed-up / MACs reduction, per backend.
 
-Then the same prune op on a random-weight ResNet-18 at 224 px (latency only), because at
+Then the same prune op on random-weight ResNet-18s at 32 and 224 px (latency only), once as
+compress does it (channel counts as they fall: 64 -> 44, ...) and once with ``round_to=16``
+(multiples of 16, the AVX-512 block ONNX Runtime's NCHWc convolutions use), because at
 32 px batch 1 a ResNet-18 does 0.07 GFLOP and fixed per-layer costs, which pruning does not
 shrink, weigh more than at 224 px (3.6 GFLOP).
 
@@ -83,8 +85,9 @@ def _quiet_console() -> Any:
     return Console(quiet=True)
 
 
-def pruned_at(model_name: str, size: int, ratio: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Random-weight model at ``size`` px, pruned with the same op: latency only."""
+def pruned_at(model_name: str, size: int, ratio: float, args: argparse.Namespace, work: Path,
+              round_to: int | None = None) -> dict[str, Any]:
+    """Random-weight model at ``size`` px, pruned with the same op (or ``round_to``): latency only."""
     import torch
 
     from lensforge.compress.prune import prune_model
@@ -95,11 +98,12 @@ def pruned_at(model_name: str, size: int, ratio: float, args: argparse.Namespace
     torch.manual_seed(0)
     unpruned = create_model(model_name, num_classes=6).eval()
     pruned = copy.deepcopy(unpruned)
-    report = prune_model(pruned, torch.zeros(1, 3, size, size), ratio=ratio)
+    report = prune_model(pruned, torch.zeros(1, 3, size, size), ratio=ratio, round_to=round_to)
     pre = Preprocess(input_size=(size, size), channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     images = np.random.default_rng(0).integers(0, 256, (4, 3, size, size), dtype=np.uint8)
     names = [f"c{i}" for i in range(6)]
-    bundles = {kind: write_bundle(model, pre, names, work / f"{model_name}-{size}-{kind}", model_name=model_name,
+    bundles = {kind: write_bundle(model, pre, names, work / f"{model_name}-{size}-{kind}-{round_to}",
+                                  model_name=model_name,
                                   sample_images=images, atol=1e-2)
                for kind, model in (("unpruned", unpruned), ("pruned", pruned.eval()))}
     x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
@@ -111,13 +115,14 @@ def pruned_at(model_name: str, size: int, ratio: float, args: argparse.Namespace
     }, rounds=args.rounds, calls_per_round=max(5, args.calls // 2))  # fmt: skip
     speedups = {"torch eager": timings.ratio("eager unpruned", "eager pruned"),
                 "ONNX Runtime": timings.ratio("ORT unpruned", "ORT pruned")}
-    return {"model": model_name, "input": f"3x{size}x{size}", "ratio": ratio, "macs_reduction": report.macs_reduction,
+    return {"model": model_name, "input": f"3x{size}x{size}", "ratio": ratio, "round_to": round_to,
+            "macs_reduction": report.macs_reduction,
             "params_before": report.params_before, "params_after": report.params_after,
             "timings": timings.to_dict(), "speedups": speedups,
             "efficiency": {k: v["median"] / report.macs_reduction for k, v in speedups.items()}}
 
 
-def print_tables(trained: dict[str, Any], at_224: list[dict[str, Any]]) -> None:
+def print_tables(trained: dict[str, Any], latency_rows: list[dict[str, Any]]) -> None:
     t = trained
     print(f"\n## Pruning {t['model']} ({t['input']}), channel ratio {t['ratio']}, fine-tuned "
           f"{t['finetune_epochs']} epochs{' with distillation' if t['distill'] else ''}")
@@ -125,8 +130,9 @@ def print_tables(trained: dict[str, Any], at_224: list[dict[str, Any]]) -> None:
           f"{t['macs_after'] / 1e6:.1f} M ({t['macs_reduction']:.2f}x fewer); test top-1 (ORT fp32, "
           f"{t['test_images']} images) {t['acc_unpruned']:.2%} -> {t['acc_pruned']:.2%} "
           f"({t['change_points']:+.2f} points); guard: {t['guard_status']}: {t['guard_reason']}")
-    rows = [(t["model"], t["input"], "trained", t)] + [(r["model"], r["input"], "random weights", r) for r in at_224]
-    print("\n| model | input | weights | MACs reduction | backend | unpruned ms | pruned ms | speed-up "
+    rows = [(t["model"], t["input"], "trained (compress)", t)]
+    rows += [(r["model"], r["input"], f"random, round_to={r['round_to']}", r) for r in latency_rows]
+    print("\n| model | input | weights, channels | MACs reduction | backend | unpruned ms | pruned ms | speed-up "
           "| efficiency (speed-up / MACs red.) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model, shape, weights, r in rows:
@@ -137,13 +143,17 @@ def print_tables(trained: dict[str, Any], at_224: list[dict[str, Any]]) -> None:
                   f"{_common.fmt_ratio(r['speedups'][backend])} | {r['efficiency'][backend]:.2f} |")
 
 
-def verdict(t: dict[str, Any]) -> list[str]:
+def verdict(t: dict[str, Any], latency_rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for backend, efficiency in t["efficiency"].items():
         ok = efficiency >= AIM_EFFICIENCY and t["change_points"] >= AIM_CHANGE
         lines.append(f"aim ({t['model']} {t['input']}, {backend}): efficiency {efficiency:.2f} (aim >= "
                      f"{AIM_EFFICIENCY}) at {t['macs_reduction']:.2f}x fewer MACs, accuracy change "
                      f"{t['change_points']:+.2f} points (aim >= {AIM_CHANGE}): {'MET' if ok else 'MISSED'}")
+    for r in latency_rows:
+        shown = ", ".join(f"{backend} {value:.2f}" for backend, value in r["efficiency"].items())
+        lines.append(f"  latency only, {r['model']} {r['input']} round_to={r['round_to']}: efficiency {shown} "
+                     f"at {r['macs_reduction']:.2f}x fewer MACs")
     return lines
 
 
@@ -153,17 +163,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write raw results here")
     parser.add_argument("--workdir", type=Path, default=_common.DEFAULT_WORKDIR, help="trained runs, reused")
     parser.add_argument("--ratio", type=float, default=0.3, help="channel ratio removed (0.3: ~2x fewer MACs)")
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=5, help="lensforge compress's default")
+    parser.add_argument("--round-to", default="none,16",
+                        help="channel rounding of the random-weight latency rows (compress uses none)")
     parser.add_argument("--distill", action="store_true", help="fine-tune against the unpruned model")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
     parser.add_argument("--calls", type=int, default=20, help="calls per model per round")
-    parser.add_argument("--no-224", dest="at_224", action="store_false", help="skip the 224 px latency rows")
+    parser.add_argument("--no-latency-rows", dest="latency_rows", action="store_false",
+                        help="skip the random-weight latency rows")
     args = parser.parse_args(argv)
     args.recipe = _common.RESNET_RECIPE
     if args.quick:
         args.recipe = _common.Recipe({**args.recipe.options, "epochs": 1})
         args.finetune_epochs, args.rounds, args.calls = 1, 3, 5
     args.model = args.recipe.options["model"]
+    args.round_to = [None if r == "none" else int(r) for r in args.round_to.split(",") if r]
     return args
 
 
@@ -176,17 +190,20 @@ def main(argv: list[str] | None = None) -> None:
     _common.print_header("prune_efficiency: latency speed-up / MACs reduction at ~2x fewer MACs", info)
     started = time.perf_counter()
     trained = pruned_trained(args)
-    at_224 = []
-    if args.at_224:
-        with tempfile.TemporaryDirectory(prefix="lensforge-prune-224-") as tmp:
-            at_224 = [pruned_at(args.model, 64 if args.quick else 224, args.ratio, args, Path(tmp))]
-    print_tables(trained, at_224)
-    lines = verdict(trained)
+    latency_rows = []
+    if args.latency_rows:
+        pre = args.recipe.options["image_size"]
+        sizes = [64] if args.quick else [pre, 224]
+        with tempfile.TemporaryDirectory(prefix="lensforge-prune-latency-") as tmp:
+            latency_rows = [pruned_at(args.model, size, args.ratio, args, Path(tmp), round_to=round_to)
+                      for size in sizes for round_to in args.round_to]
+    print_tables(trained, latency_rows)
+    lines = verdict(trained, latency_rows)
     print("\n" + "\n".join(lines))
     wall = time.perf_counter() - started
     print(f"\nwall time {wall:.0f} s; load average now {_common.load_average():.2f}")
     _common.write_json(args.json, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                   "trained": trained, "latency_224": at_224, "verdict": lines, "wall_s": wall})
+                                   "trained": trained, "latency_224": latency_rows, "verdict": lines, "wall_s": wall})
 
 
 if __name__ == "__main__":

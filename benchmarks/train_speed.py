@@ -283,7 +283,7 @@ def print_sensitivity(per_seed: list[dict[str, list[dict[str, Any]]]], targets: 
         r = next(t for t in summarise(per_seed, target, baseline, costs) if t["recipe"] == "default")
         print(f"  {target:.1%}: {fmt_ratio(r, 'seconds')}x time, {fmt_ratio(r, 'epochs')}x epochs, "
               f"{fmt_ratio(r, 'adjusted')}x load-adjusted time "
-              f"(per seed {', '.join(f'{x:.2f}' for x in r['seconds_ratio_per_seed'])})")
+              f"(epochs per seed {', '.join(f'{x:.2f}' for x in r['epochs_ratio_per_seed'])})")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
