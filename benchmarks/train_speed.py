@@ -17,11 +17,16 @@ time-to-accuracy):
   matters.
 
 Time of an epoch = training (``epoch_time_s``) + that run's mean per-epoch overhead
-(validation, checkpoint), the same accounting for every recipe. Because the 2-core
-machine is shared, wall times swing with other people's load; the epochs-to-target
-ratio is printed next to the time ratio, as the load-independent figure.
+(validation, checkpoint), the same accounting for every recipe. The 2-core machine is
+shared and the runs are minutes apart, so load drift skews the raw time ratio; two
+load-proof figures are printed next to it: the epochs-to-target ratio, and the
+*load-adjusted* time ratio = epochs ratio x the per-image training-cost ratio of the
+recipes, timed interleaved (a few steps of each recipe in turn, several rounds).
 
-    .venv/bin/python benchmarks/train_speed.py            # the full benchmark (~15 min)
+``--variant NAME:key=value,...`` adds the default recipe with some options changed (on
+the same ladder); ``--batch-size`` sets the batch size of every recipe.
+
+    .venv/bin/python benchmarks/train_speed.py            # the benchmark (~20 min at load 2-4)
     .venv/bin/python benchmarks/train_speed.py --quick    # a ~1-minute smoke run
 """
 
@@ -95,10 +100,10 @@ def train_run(name: str, out: Path, *, data: str, epochs: int, seed: int, thread
     train_s = [row["epoch_time_s"] for row in result.history]
     # validation + checkpoint + metrics writing, spread evenly over the epochs
     overhead_s = max(0.0, result.timings_s["train"] - sum(train_s)) / len(train_s)
-    cumulative, total = [], 0.0
+    cumulative, elapsed = [], 0.0
     for seconds in train_s:
-        total += seconds + overhead_s
-        cumulative.append(total)
+        elapsed += seconds + overhead_s
+        cumulative.append(elapsed)
     test = evaluate(run_dir, split="test", write=False).metrics
     return {"name": name, "epochs": epochs, "seed": seed, "lr": result.resolved.lr,
             "batch_size": result.resolved.batch_size,
