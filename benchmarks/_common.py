@@ -122,8 +122,8 @@ DIGITS = {"data": "builtin:digits", "test_fraction": 0.3, "batch_size": 32}
 RESNET_RECIPE = recipe("resnet18", size=32, epochs=10, **DIGITS)
 
 
-def trained_run(recipe: Recipe, workdir: Path, *, fresh: bool = False) -> TrainedRun:
-    """Train ``recipe`` with lensforge into ``workdir/<key>``, or reuse a complete run already there.
+def trained_run(wanted: Recipe, workdir: Path, *, fresh: bool = False) -> TrainedRun:
+    """Train ``wanted`` with lensforge into ``workdir/<key>``, or reuse a complete run already there.
 
     The folder name hashes the options, so a changed recipe trains anew; ``fresh`` retrains.
     """
@@ -133,7 +133,7 @@ def trained_run(recipe: Recipe, workdir: Path, *, fresh: bool = False) -> Traine
 
     from lensforge.train import resolve_config, train
 
-    run_dir = workdir / recipe.key()
+    run_dir = workdir / wanted.key()
     info_path = run_dir / "run.json"
     if not fresh and info_path.exists():
         info = json.loads(info_path.read_text())
@@ -141,7 +141,7 @@ def trained_run(recipe: Recipe, workdir: Path, *, fresh: bool = False) -> Traine
             return TrainedRun(run_dir, True, (info.get("timings_s") or {}).get("train"), info.get("best_val_acc"),
                               int(info.get("epochs_run", 0)))
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = resolve_config(None, **{**recipe.options, "out": str(run_dir), "threads": THREADS})
+    cfg = resolve_config(None, **{**wanted.options, "out": str(run_dir), "threads": THREADS})
     started = time.perf_counter()
     result = train(cfg, show_progress=False, console=Console(quiet=True))
     return TrainedRun(run_dir, False, time.perf_counter() - started, result.best_val_acc, len(result.history))

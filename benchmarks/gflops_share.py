@@ -53,6 +53,27 @@ def int8_bundle(run_dir: Path) -> Path:
     return out
 
 
+def gemm_gflops(size: int = 2048, calls: int = 5) -> float:
+    """Achieved fp32 rate of torch's own large matrix multiply (median of ``calls``): a measured yardstick.
+
+    The estimated peak rests on a clock that a VM may not report (``cpu MHz`` is the nominal
+    clock; turbo is higher), so a large SGEMM measured in the same rounds is a second yardstick.
+    It is not a ceiling: torch's BLAS on this AMD CPU is not its fastest fp32 kernel (ONNX
+    Runtime's convolutions have run faster than it here).
+    """
+    import torch
+
+    torch.set_num_threads(_common.THREADS)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up: first call allocates and picks the kernel
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
 def rounds(run_dir: Path, int8: Path | None, args: argparse.Namespace) -> list[dict[str, Any]]:
     """``args.rounds`` calls of benchmark() on every backend, the order rotated each round."""
     from lensforge.deploy.bench import benchmark
@@ -73,7 +94,13 @@ def rounds(run_dir: Path, int8: Path | None, args: argparse.Namespace) -> list[d
                              "utilisation": row.utilisation, "iterations": row.iterations,
                              "load_avg_1min": _common.load_average(), "flops_per_image": report.model.flops_per_image,
                              "flops_source": report.model.flops_source, "notes": report.notes})
-        print(f"  round {r + 1}/{args.rounds} done (load {_common.load_average():.2f})", flush=True)
+        gemm = gemm_gflops()
+        rows.append({"round": r, "label": "torch.mm 2048^2 (reference)", "batch": None, "precision": "fp32",
+                     "p50_ms": None, "mean_ms": None, "gflops": gemm, "utilisation": gemm / args.peak_fp32,
+                     "iterations": 5, "load_avg_1min": _common.load_average(), "flops_per_image": None,
+                     "flops_source": None, "notes": []})
+        print(f"  round {r + 1}/{args.rounds} done (load {_common.load_average():.2f}; "
+              f"torch.mm {gemm:.0f} GFLOP/s)", flush=True)
     return rows
 
 
@@ -81,6 +108,15 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for label, batch in dict.fromkeys((r["label"], r["batch"]) for r in rows):
         mine = [r for r in rows if r["label"] == label and r["batch"] == batch]
+        if batch is None:  # the GEMM reference
+            gflops = [r["gflops"] for r in mine]
+            table.append({"backend": label, "batch": None, "precision": "fp32", "rounds": len(mine), "p50_ms": None,
+                          "gflops": statistics.median(gflops), "gflops_range": [min(gflops), max(gflops)],
+                          "utilisation": statistics.median(r["utilisation"] for r in mine),
+                          "utilisation_range": [min(r["utilisation"] for r in mine),
+                                                max(r["utilisation"] for r in mine)],
+                          "flops_per_image": None, "flops_source": None})
+            continue
         util = [r["utilisation"] for r in mine if r["utilisation"] is not None]
         table.append({"backend": label, "batch": batch, "precision": mine[0]["precision"], "rounds": len(mine),
                       "p50_ms": statistics.median(r["p50_ms"] for r in mine),
@@ -102,16 +138,21 @@ def print_peak(cpu: Any) -> None:
 
 
 def print_table(table: list[dict[str, Any]], model: str, size: int) -> None:
-    flops = table[0]["flops_per_image"]
+    first = next(t for t in table if t["batch"] is not None)
+    flops = first["flops_per_image"]
     print(f"\n## {model} @ {size} px: {flops / 1e9:.2f} GFLOP/image ({table[0]['flops_source']}); "
           f"medians over rounds (range)")
-    print("| backend | precision | batch | p50 ms | achieved GFLOP/s | share of est. peak |")
-    print("|---|---|---|---|---|---|")
+    gemm = next((t["gflops"] for t in table if t["batch"] is None), None)
+    print("| backend | precision | batch | p50 ms | achieved GFLOP/s | share of est. peak | share of torch.mm |")
+    print("|---|---|---|---|---|---|---|")
     for t in table:
+        vs_gemm = f"{t['gflops'] / gemm:.0%}" if gemm and t["precision"] == "fp32" else "-"
+        p50 = "-" if t["p50_ms"] is None else f"{t['p50_ms']:.2f}"
+        batch = "-" if t["batch"] is None else t["batch"]
         share = "-" if t["utilisation"] is None else (
             f"{t['utilisation']:.1%} ({t['utilisation_range'][0]:.1%}-{t['utilisation_range'][1]:.1%})")
-        print(f"| {t['backend']} | {t['precision']} | {t['batch']} | {t['p50_ms']:.2f} | {t['gflops']:.1f} "
-              f"({t['gflops_range'][0]:.1f}-{t['gflops_range'][1]:.1f}) | {share} |")
+        print(f"| {t['backend']} | {t['precision']} | {batch} | {p50} | {t['gflops']:.1f} "
+              f"({t['gflops_range'][0]:.1f}-{t['gflops_range'][1]:.1f}) | {share} | {vs_gemm} |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     cpu = detect_cpu()
     print_peak(cpu)
+    args.peak_fp32 = cpu.peak_gflops_fp32
     run_dir = make_run(args)
     int8 = int8_bundle(run_dir) if args.int8 else None
     print(f"run {run_dir}; benchmarking {', '.join(args.backends)}{' + int8' if int8 else ''} at batch "
@@ -161,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     table = summarise(rows)
     print_table(table, args.model, args.size)
     ort = next(t for t in table if t["backend"] == "onnxruntime" and t["batch"] == 1)
+    gemm = next(t for t in table if t["batch"] is None)
     line = (f"ONNX Runtime fp32, batch 1: {ort['gflops']:.1f} GFLOP/s = {ort['utilisation']:.1%} of the estimated "
-            f"{cpu.peak_gflops_fp32:.0f} GFLOP/s fp32 peak")
+            f"{cpu.peak_gflops_fp32:.0f} GFLOP/s fp32 peak, {ort['gflops'] / gemm['gflops']:.0%} of torch.mm's "
+            f"{gemm['gflops']:.0f} GFLOP/s")
     print("\n" + line)
     notes = sorted({n for r in rows for n in r["notes"] if not n.startswith("1-minute load")})
     for note in notes:

@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="random-weight latency rows at --latency-sizes")
     parser.add_argument("--latency-sizes", default="224", help="pixels, comma-separated")
     parser.add_argument("--guard-demo", default="mobilenetv3_small_100@224",
-                        help="MODEL@SIZE runs whose int8 guard verdict on speed is shown (comma-separated; '' for none)")
+                        help="MODEL@SIZE runs whose int8 guard verdict on speed is shown ('' for none)")
     parser.add_argument("--size", type=int, default=32, help="image side of the trained models, pixels")
     parser.add_argument("--epochs", type=int, default=10, help="ResNet-18 epochs (from scratch)")
     parser.add_argument("--epochs-mobile", type=int, default=20, help="MobileNetV3-Small epochs (from scratch)")
@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - started
     print(f"\nwall time {wall:.0f} s; load average now {_common.load_average():.2f}")
     _common.write_json(args.json, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                   "trained": trained, "latency_rows": larger, "guard_demo": demos, "verdict": lines, "wall_s": wall})
+                                   "trained": trained, "latency_rows": larger, "guard_demo": demos,
+                                   "verdict": lines, "wall_s": wall})
 
 
 if __name__ == "__main__":
