@@ -9,11 +9,12 @@ from datetime import datetime
 import numpy as np
 import pytest
 import torch
+from helpers import tree_digest
 
 from lensforge.data.preprocess import normalize
 from lensforge.deploy import is_bundle, load_bundle
 from lensforge.deploy.export import LogitsAndFeatures
-from lensforge.errors import ArtifactError, UsageError
+from lensforge.errors import ArtifactError, LensforgeError, UsageError
 from lensforge.utils.io import sha256_file
 
 
@@ -147,3 +148,40 @@ def test_paths_that_are_not_bundles(tmp_path):
 
 def test_is_bundle(bundle):
     assert is_bundle(bundle.path)
+
+
+def test_update_bundle_adds_files_and_keys_atomically(bundle_copy):
+    from lensforge.deploy.bundle import load_bundle, update_bundle
+
+    updated = update_bundle(bundle_copy, files={"guardrails/extra.json": b'{"a": 1}'},
+                            updates={"temperature": 1.5})
+    assert updated.temperature == 1.5
+    assert (bundle_copy / "guardrails" / "extra.json").read_bytes() == b'{"a": 1}'
+    reloaded = load_bundle(bundle_copy)  # verifies every hash, the new file's included
+    assert "guardrails/extra.json" in reloaded.manifest["files"]
+    assert not [p for p in bundle_copy.parent.iterdir() if p.name.startswith(f".{bundle_copy.name}")]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"files": {"model.onnx": b"x"}}, "cannot replace model.onnx"),
+    ({"files": {"../escape.json": b"x"}}, "unsafe file name"),
+    ({"updates": {"files": {}}}, "sets files itself"),
+])
+def test_update_bundle_refuses_bad_requests(bundle_copy, kwargs, match):
+    from lensforge.deploy.bundle import update_bundle
+
+    before = tree_digest(bundle_copy)
+    with pytest.raises(LensforgeError, match=match):
+        update_bundle(bundle_copy, **kwargs)
+    assert tree_digest(bundle_copy) == before
+
+
+def test_update_bundle_refuses_an_altered_bundle(bundle_copy):
+    from lensforge.deploy.bundle import update_bundle
+
+    model = bundle_copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(LensforgeError, match="sha256 mismatch"):
+        update_bundle(bundle_copy, updates={"temperature": 2.0})

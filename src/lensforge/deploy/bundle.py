@@ -332,3 +332,51 @@ def _check_derived_model(path: Path, input_name: str) -> None:
             f"derived {MODEL_FILE}: needs input {input_name!r} and outputs logits, features; "
             f"has inputs {inputs} and outputs {sorted(outputs)}"
         )
+
+
+def update_bundle(
+    bundle: Bundle | str | os.PathLike[str],
+    *,
+    files: dict[str, bytes] | None = None,
+    updates: dict[str, Any] | None = None,
+) -> Bundle:
+    """Add or replace companion files and manifest keys of a bundle in place, atomically.
+
+    Used to attach guardrails (temperature, OOD detector, input-quality reference) to a
+    bundle after export. The model is kept; every other listed file is re-checked against
+    its hash while the new folder is staged beside the old one, then swapped in, so a
+    failure leaves the bundle as it was. ``files`` maps a relative posix path (e.g.
+    ``"guardrails/ood.npz"``) to its bytes. Returns the reloaded bundle.
+
+    Raises:
+        UsageError: a reserved manifest key in ``updates``, or an unsafe or reserved file name.
+        ArtifactError: the bundle is altered or damaged.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    files, updates = dict(files or {}), dict(updates or {})
+    reserved = sorted(set(updates) & set(_DERIVED_KEYS))
+    if reserved:
+        raise UsageError(f"update_bundle sets {', '.join(reserved)} itself; remove them from updates")
+    for name in files:
+        if name in (MODEL_FILE, MANIFEST_NAME):
+            raise UsageError(f"update_bundle cannot replace {name}; export or derive a new bundle instead")
+        _listed_file(bundle.path, name, bundle.path)  # refuses absolute paths and ``..``
+    verify_files(bundle.path, bundle.manifest)
+    tmp = staging_dir(bundle.path)
+    try:
+        for name in bundle.manifest["files"]:
+            source = _listed_file(bundle.path, name, bundle.path)
+            target = _listed_file(tmp, name, bundle.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        for name, data in files.items():
+            atomic_write_bytes(_listed_file(tmp, name, bundle.path), data)
+        manifest = copy.deepcopy(bundle.manifest)
+        manifest.update(updates)
+        manifest["files"] = bundle_file_hashes(tmp)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        replace_dir(tmp, bundle.path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(bundle.path, intra_op_num_threads=bundle.intra_op_num_threads)

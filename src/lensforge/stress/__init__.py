@@ -1,0 +1,1 @@
+"""Stress tests and guardrails: corruptions, adversarial attacks, calibration, OOD, adaptation."""
