@@ -179,6 +179,7 @@ def compress(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     prune: Annotated[float | None, typer.Option(help="Share of channels to remove per layer (0-1), then fine-tune.")] = None,
     prune_steps: Annotated[int, typer.Option(min=1, help="Iterative pruning: steps to reach the ratio.")] = 1,
+    round_to: Annotated[int | None, typer.Option(min=1, help="Keep pruned channel counts multiples of this (e.g. 16): ONNX Runtime runs odd widths slowly.")] = None,
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune the pruned model against the unpruned one.")] = False,
     teacher: Annotated[str | None, typer.Option(help="Distil from this run or bundle instead.")] = None,
     quantize: Annotated[str | None, typer.Option(help="Comma-separated: int8, fp16 (ONNX Runtime).")] = None,
@@ -193,7 +194,7 @@ def compress(
     from lensforge.train.config import make_config_of
 
     kinds = tuple(k.strip() for k in quantize.split(",") if k.strip()) if quantize else ()
-    cfg = make_config_of(CompressConfig, dict(prune=prune, prune_steps=prune_steps, distill=distill, teacher=teacher,
+    cfg = make_config_of(CompressConfig, dict(prune=prune, prune_steps=prune_steps, round_to=round_to, distill=distill, teacher=teacher,
                                               quantize=kinds, max_drop=max_drop, finetune_epochs=finetune_epochs,
                                               calibration_method=calibration_method))
     result = compress_api(run, cfg, console=err)

@@ -3,8 +3,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from lensforge.compress.variants import CompressConfig, Variant, _guard, compress
+from lensforge.compress.variants import CompressConfig, Variant, _guard, _retime_if_close, compress
 from lensforge.deploy import load_bundle
 from lensforge.errors import ArtifactError, ConfigError, UsageError
 from lensforge.train import load_run, resolve_config, train
@@ -37,7 +38,7 @@ def test_guard_verdicts(accuracy, p50, status, words):
 
 
 def test_prune_distill_int8_variants_measured_on_artifacts(run_dir):
-    cfg = CompressConfig(prune=0.5, distill=True, quantize=("int8",), finetune_epochs=1, max_drop=5.0)
+    cfg = CompressConfig(prune=0.5, round_to=4, distill=True, quantize=("int8",), finetune_epochs=1, max_drop=5.0)
     result = compress(run_dir, cfg)
     names = [v.name for v in result.variants]
     assert names == ["baseline", "pruned-50-kd", "int8", "pruned-50-kd-int8"]
@@ -57,6 +58,20 @@ def test_prune_distill_int8_variants_measured_on_artifacts(run_dir):
     pruned = load_run(run_dir / "variants" / "pruned-50-kd")  # the pruned structure is rebuilt from run.json
     assert sum(p.numel() for p in pruned.model.parameters()) == by_name["pruned-50-kd"].params
     assert json.loads((run_dir / "variants" / "pruned-50-kd" / "run.json").read_text())["teacher"] == str(run_dir)
+    widths = [m.out_channels for m in pruned.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths and all(w % 4 == 0 for w in widths)  # round_to keeps kernel-friendly widths
+
+
+def test_near_calls_are_timed_again(run_dir):
+    bundle = str(run_dir / "bundle")  # the same artifact twice: a speed-up of ~1, a near call
+    parent = Variant("baseline", "baseline", None, bundle, {"accuracy": 0.9}, {"p50": 1.0}, 1.0)
+    child = Variant("child", "int8", "baseline", bundle, {"accuracy": 0.9}, {"p50": 0.95}, 1.0)
+    _retime_if_close(child, parent, CompressConfig(quantize=("int8",)))
+    assert child.details["retimed"]["first_speedup"] == pytest.approx(1 / 0.95, abs=1e-3)
+    assert child.latency_ms["p50"] > 0 and child.latency_ms["p50"] != 0.95
+    far = Variant("far", "int8", "baseline", bundle, {"accuracy": 0.9}, {"p50": 0.5}, 1.0)
+    _retime_if_close(far, parent, CompressConfig(quantize=("int8",)))
+    assert "retimed" not in far.details and far.latency_ms["p50"] == 0.5  # clear verdicts are kept
 
 
 def test_bad_requests(run_dir, tmp_path):

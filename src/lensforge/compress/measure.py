@@ -57,7 +57,11 @@ def load_test_set(run_dir: Path, split: str = "test") -> TestSet:
 
 def interleaved_latency(bundles: list[Path], *, batch: int = 1, rounds: int = 7, calls: int = 20,
                         threads: int | None = None, seed: int = 0) -> list[dict[str, float]]:
-    """Per bundle: p50/p90/p99 latency in ms at ``batch``, measured round-robin."""
+    """Per bundle: p50/p90/p99 latency in ms at ``batch``, measured round-robin.
+
+    Bundles take turns in blocks of ``calls`` runs, in an order that reverses every round,
+    so slow drifts of a shared machine's load hit every bundle alike.
+    """
     loaded = [load_bundle(path, intra_op_num_threads=threads) for path in bundles]
     rng = np.random.default_rng(seed)
     inputs = [rng.standard_normal((batch, b.preprocess.channels, *b.preprocess.input_size)).astype(np.float32)
@@ -66,11 +70,14 @@ def interleaved_latency(bundles: list[Path], *, batch: int = 1, rounds: int = 7,
         for _ in range(5):
             bundle.run(x)
     samples: list[list[float]] = [[] for _ in loaded]
+    order = list(range(len(loaded)))
     for _ in range(rounds):
-        for i, (bundle, x) in enumerate(zip(loaded, inputs)):
+        for i in order:
+            bundle, x = loaded[i], inputs[i]
             for _ in range(calls):
                 start = time.perf_counter_ns()
                 bundle.run(x)
                 samples[i].append((time.perf_counter_ns() - start) / 1e6)
+        order.reverse()  # alternate who goes first: caches and clock ramps favour no bundle
     return [{"p50": float(np.percentile(s, 50)), "p90": float(np.percentile(s, 90)),
              "p99": float(np.percentile(s, 99)), "batch": batch} for s in samples]

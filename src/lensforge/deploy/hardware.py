@@ -90,11 +90,18 @@ class CpuInfo:
     def has(self, flag: str) -> bool:
         return flag in self.isa
 
+    @property
+    def peak_is_lower_bound(self) -> bool:
+        """True when the clock is a current or nominal one: turbo can beat the estimated peak."""
+        return self.clock_ghz is not None and self.clock_source != "cpufreq cpuinfo_max_freq"
+
     def summary(self) -> str:
-        """One line: ``AMD EPYC, 2 of 2 cores, AVX-512+VNNI, 2.60 GHz: peak 166 GFLOP/s fp32``."""
+        """One line: ``AMD EPYC, 2 of 2 CPUs, AVX-512+VNNI, 2.60 GHz: peak >= 166 GFLOP/s fp32``."""
         simd = _simd_label(set(self.isa))
         clock = f"{self.clock_ghz:.2f} GHz" if self.clock_ghz else "clock unknown"
-        peak = f"peak {self.peak_gflops_fp32:.0f} GFLOP/s fp32" if self.peak_gflops_fp32 else "peak unknown"
+        at_least = ">= " if self.peak_is_lower_bound else ""
+        peak = (f"peak {at_least}{self.peak_gflops_fp32:.0f} GFLOP/s fp32" if self.peak_gflops_fp32
+                else "peak unknown")
         return f"{self.model_name}, {self.usable_cores} of {self.logical_cores} CPUs, {simd}, {clock}: {peak}"
 
     def to_dict(self) -> dict[str, Any]:
