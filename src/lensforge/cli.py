@@ -286,6 +286,84 @@ def autopilot(
     out.print(f"report:  {s['report']}\nbundle:  {s['bundle']}\nsummary: {result.out / 'summary.json'}")
 
 
+class Suite(str, Enum):
+    quick = "quick"
+    full = "full"
+
+
+@app.command()
+def stress(
+    target: Annotated[Path, typer.Argument(help="Bundle (measured through ONNX Runtime) or run folder (PyTorch).")],
+    data: DataOpt = None,
+    suite: Annotated[Suite, typer.Option(help="quick: ~25 corruption/severity pairs; full: 28 corruptions x 5 severities.")] = Suite.quick,
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    reference: Annotated[Path | None, typer.Option(help="Run or bundle to normalise by: adds mCE and relative mCE.")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(help="Other bundles on the same corrupted images (default: the run's int8 variants). Repeatable.")] = None,
+    no_compare: Annotated[bool, typer.Option("--no-compare", help="Do not add the run's int8 variants.")] = False,
+    max_images: Annotated[int | None, typer.Option(min=10, help="Stress a seeded subset of this many images.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the corruptions' random draws.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Accuracy under 28 corruptions and shifts (noise, blur, weather, digital, viewpoint, lighting, occlusion) x 5 severities, mCE, int8-vs-fp32 gap, prediction stability."""
+    from lensforge.stress.suite import StressConfig
+    from lensforge.stress.suite import stress as stress_api
+    from lensforge.train.config import make_config_of
+
+    cfg = make_config_of(StressConfig, dict(suite=suite.value, split=split, max_images=max_images, seed=seed))
+    others = [] if no_compare else compare
+    result = stress_api(target, data, cfg=cfg, reference=reference, compare=others, json_out=json_out,
+                        show_progress=not quiet)
+    out.print(stress_table(result.summary))
+    if result.path:
+        out.print(f"written: {result.path}")
+
+
+def stress_table(s: dict) -> object:
+    from rich.table import Table
+
+    table = Table(title=f"{s['target']} on {s['num_images']} {s['split']} images of {s['data']} "
+                        f"(clean accuracy {s['clean_accuracy']:.1%})")
+    severities = [str(v) for v in s["severities"]]
+    for name in ("corruption", "family", *(f"s{v}" for v in severities), "mean"):
+        table.add_column(name, justify="left" if name in ("corruption", "family") else "right")
+    for name, entry in s["corruptions"].items():
+        accs = [entry["accuracy"].get(v) for v in severities]
+        table.add_row(name, entry["family"], *("-" if a is None else f"{a:.0%}" for a in accs),
+                      f"{1 - entry['error_mean']:.1%}")
+    lines = [f"mean corruption error {s['mean_corruption_error']:.1%}"]
+    if s.get("mce") is not None:
+        lines.append(f"mCE {s['mce']:.1%}, relative mCE {s['relative_mce']:.1%} (vs {s['reference']['target']})")
+    for other in s.get("compare", []):
+        gap = other["gap"]
+        lines.append(f"{other['precision']} {other['target']}: loses {gap['mean_points']:+.2f} points under corruption "
+                     f"({gap['clean_points']:+.2f} clean), worst {gap['worst']}")
+    stability = s.get("stability", {}).get("target")
+    if stability:
+        lines.append(f"prediction flips: {stability['translate_flip_rate']:.1%} under 1-2 px shifts, "
+                     f"{stability['jitter_flip_rate']:.1%} under photometric jitter")
+    table.caption = "\n".join(lines)
+    return table
+
+
+@app.command()
+def calibrate(
+    target: Annotated[Path, typer.Argument(help="Bundle, or run folder (its bundle).")],
+    data: DataOpt = None,
+) -> None:
+    """Temperature scaling on the validation split; the temperature goes into the bundle and predict uses it."""
+    from lensforge.stress.calibration import calibrate as calibrate_api
+
+    result = calibrate_api(target, data)
+    held_out = result.summary.get("test", result.summary["val"])
+    which = "test" if "test" in result.summary else "val"
+    out.print(f"temperature {result.temperature:.3f} (fitted on val): ECE on {which} "
+              f"{held_out['before']['ece']:.3f} -> {held_out['after']['ece']:.3f}, "
+              f"NLL {held_out['before']['nll']:.3f} -> {held_out['after']['nll']:.3f}; stored in {result.summary['bundle']}")
+    if result.path:
+        out.print(f"written: {result.path}")
+
+
 class Kind(str, Enum):
     models = "models"
     sources = "sources"

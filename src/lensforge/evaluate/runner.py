@@ -47,7 +47,8 @@ class Target:
     data: str | None
 
 
-def _open_target(path: Path, batch_size: int) -> Target:
+def open_target(path: Path, batch_size: int = 256) -> Target:
+    """A run (PyTorch) or a bundle (ONNX Runtime), as something that predicts logits from uint8 images."""
     from lensforge.deploy.bundle import is_bundle, load_bundle
 
     if is_bundle(path):
@@ -82,7 +83,7 @@ def _torch_predictor(model: Any, pre: Preprocess, batch_size: int) -> Predictor:
     return predict
 
 
-def _select(table: ImageTable, target: Target, data_spec: str, split: str, seed: int) -> np.ndarray:
+def select_split(table: ImageTable, target: Target, data_spec: str, split: str, seed: int = 0) -> np.ndarray:
     """Indices of ``split``: the run's own split when the data is the run's, else the data's own."""
     if split == "all":
         return np.arange(len(table))
@@ -95,7 +96,7 @@ def _select(table: ImageTable, target: Target, data_spec: str, split: str, seed:
                      "pass --split all, or a folder with train/val/test sub-folders")
 
 
-def _align_classes(table: ImageTable, class_names: list[str]) -> np.ndarray:
+def align_classes(table: ImageTable, class_names: list[str]) -> np.ndarray:
     """Targets re-indexed to the model's class order; unknown classes are an error."""
     if table.class_names == class_names:
         return table.targets
@@ -104,6 +105,23 @@ def _align_classes(table: ImageTable, class_names: list[str]) -> np.ndarray:
         raise DataError(f"data classes {unknown[:5]} are not among the model's classes {class_names[:10]}")
     mapping = np.array([class_names.index(name) for name in table.class_names])
     return mapping[table.targets]
+
+
+def split_of(target: Target, data: str | None, split: str, *, on_bad_image: str = "fail",
+             seed: int = 0) -> tuple[str, ImageTable, np.ndarray, np.ndarray]:
+    """``(data spec, decoded table, indices of split, targets in the model's class order)``.
+
+    ``data`` defaults to the run's own data, whose split is then the run's own.
+    """
+    data_spec = data or target.data
+    if data_spec is None:
+        raise UsageError("the bundle is outside a run: pass --data to say which images to use")
+    source = open_source(data_spec)
+    table = load_table(source, target.preprocess, on_bad_image=on_bad_image)
+    indices = select_split(table, target, source.spec, split, seed)
+    if len(indices) == 0:
+        raise DataError(f"split '{split}' of '{data_spec}' is empty")
+    return data_spec, table, indices, align_classes(table, target.class_names)[indices]
 
 
 def predict_table(predict: Predictor, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -118,16 +136,8 @@ def evaluate(target_path: str | Path, data: str | None = None, *, split: str = "
     path = Path(target_path)
     if not path.exists():
         raise UsageError(f"'{path}' does not exist (expected a run folder or a bundle)")
-    target = _open_target(path, batch_size)
-    data_spec = data or target.data
-    if data_spec is None:
-        raise UsageError(f"'{path}' is a bundle outside a run: pass --data to evaluate it")
-    source = open_source(data_spec)
-    table = load_table(source, target.preprocess, on_bad_image=on_bad_image)
-    indices = _select(table, target, source.spec, split, seed)
-    if len(indices) == 0:
-        raise DataError(f"split '{split}' of '{data_spec}' is empty")
-    targets = _align_classes(table, target.class_names)[indices]
+    target = open_target(path, batch_size)
+    data_spec, table, indices, targets = split_of(target, data, split, on_bad_image=on_bad_image, seed=seed)
     logits = predict_table(target.predict, table.images[indices], batch_size)
     metrics = {"split": split, "evaluated": target.kind, "data": data_spec,
                **classification_metrics(logits, targets, target.class_names)}
@@ -156,3 +166,7 @@ def _write_mistakes(run_dir: Path, split: str, table: ImageTable, indices: np.nd
                      "pred": class_names[predicted], "confidence": confidence,
                      "image": f"eval/mistakes/{name}"})
     return rows
+
+
+# older private names, kept for code written against them
+_open_target, _select, _align_classes = open_target, select_split, align_classes
