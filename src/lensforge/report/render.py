@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 
 # Imported for their side effect: the built-in sections register themselves.
-from lensforge.report import deployment, evaluation, sections  # noqa: F401
+from lensforge.report import deployment, evaluation, robustness, sections  # noqa: F401
 from lensforge.report.formatting import MISSING, fmt_date, fmt_text
 from lensforge.report.registry import build_sections
 from lensforge.report.runfiles import RunFiles

@@ -1,0 +1,207 @@
+"""The Robustness section: corruptions, adversarial curves, calibration, OOD, selective
+prediction and adaptation, from the files ``lensforge stress/calibrate/guard/adapt`` write
+under ``RUN/stress/``. Each file adds one group; the section is left out when none exists.
+Files are read as plain JSON: torch is never imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lensforge.errors import ArtifactError
+from lensforge.report import plots, robustness_plots
+from lensforge.report.blocks import Block, Callout, Figure, Group, Section, Stat, Stats, Table, Text
+from lensforge.report.formatting import MISSING, as_float, fmt_number, fmt_percent, fmt_text
+from lensforge.report.registry import register_section
+from lensforge.report.runfiles import RunFiles
+
+CORRUPTIONS_FILE = "stress/corruptions.json"
+ADVERSARIAL_FILE = "stress/adversarial.json"
+CALIBRATION_FILE = "stress/calibration.json"
+OOD_FILE = "stress/ood.json"
+ADAPT_FILE = "stress/adapt.json"
+
+
+@register_section("robustness", order=48)
+def robustness_section(run: RunFiles) -> Section | None:
+    """One group per stress file present."""
+    builders = ((CORRUPTIONS_FILE, "Corruptions and shifts", _corruption_blocks),
+                (ADVERSARIAL_FILE, "Adversarial robustness", _adversarial_blocks),
+                (CALIBRATION_FILE, "Calibration", _calibration_blocks),
+                (OOD_FILE, "Out-of-distribution detection and selective prediction", _ood_blocks),
+                (ADAPT_FILE, "Domain adaptation", _adapt_blocks))
+    groups: list[Block] = []
+    for relpath, title, build in builders:
+        data = run.json(relpath)
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{run.path(relpath)} should hold a JSON object")
+        groups.append(Group(title, build(data)))
+    return Section("Robustness", groups) if groups else None
+
+
+def _points(value: Any) -> str:
+    number = as_float(value)
+    return MISSING if number is None else f"{number:+.2f}"
+
+
+# ---------------------------------------------------------------------------- corruptions
+
+
+def _corruption_blocks(data: dict[str, Any]) -> list[Block]:
+    corruptions = data.get("corruptions") or {}
+    severities = [str(s) for s in data.get("severities") or []]
+    names = list(corruptions)
+    blocks: list[Block] = [Text(
+        f"{fmt_text(data.get('suite'))} suite on {fmt_text(data.get('num_images'))} {fmt_text(data.get('split'))} "
+        f"images of {fmt_text(data.get('data'))}, measured on the {fmt_text(data.get('precision'))} "
+        f"{fmt_text(data.get('kind'))}; every model below saw the same corrupted pixels.")]
+    stats = [Stat("Clean accuracy", fmt_percent(data.get("clean_accuracy"))),
+             Stat("Mean corruption error", fmt_percent(data.get("mean_corruption_error")),
+                  note="mean error over every corruption and severity")]
+    if as_float(data.get("mce")) is not None:
+        stats.append(Stat("mCE", fmt_percent(data.get("mce")),
+                          note=f"vs {fmt_text((data.get('reference') or {}).get('target'))}; relative mCE "
+                               f"{fmt_percent(data.get('relative_mce'))}"))
+    stability = (data.get("stability") or {}).get("target") or {}
+    if stability:
+        stats.append(Stat("Prediction flips", fmt_percent(stability.get("translate_flip_rate")),
+                          note=f"under 1-2 px shifts; {fmt_percent(stability.get('jitter_flip_rate'))} under jitter"))
+    blocks.append(Stats(stats))
+    if names and severities:
+        matrix = np.array([[as_float(corruptions[n].get("accuracy", {}).get(s)) or np.nan for s in severities]
+                           for n in names], dtype=float)
+        blocks.append(Figure(robustness_plots.corruption_heatmap(names, severities, matrix,
+                                                                 as_float(data.get("clean_accuracy"))),
+                             alt="Heatmap of accuracy per corruption and severity",
+                             caption="Accuracy per corruption (rows) and severity (columns) on the shipped artifact."))
+    blocks += _gap_blocks(data)
+    per_ce = (data.get("per_corruption") or {})
+    rows = [[n, fmt_text(corruptions[n].get("family")),
+             fmt_percent(1 - (as_float(corruptions[n].get("error_mean")) or 0)),
+             fmt_percent((per_ce.get(n) or {}).get("ce")), fmt_percent((per_ce.get(n) or {}).get("relative_ce"))]
+            for n in names]
+    blocks.append(Table(("corruption", "family", "mean accuracy", "CE", "relative CE"), rows,
+                        caption="Per corruption (CE columns need a reference model)", numeric=(2, 3, 4),
+                        collapsed=True))
+    return blocks
+
+
+def _gap_blocks(data: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = []
+    for other in data.get("compare") or []:
+        gap = other.get("gap") or {}
+        per = gap.get("per_corruption_points") or {}
+        worst = sorted(per.items(), key=lambda kv: -(as_float(kv[1]) or 0))[:5]
+        text = (f"{fmt_text(other.get('precision'))} bundle {fmt_text(other.get('target'))}: "
+                f"{_points(gap.get('clean_points'))} points lost on clean images, {_points(gap.get('mean_points'))} "
+                f"on average under corruption; largest gaps: "
+                + ", ".join(f"{name} {_points(points)}" for name, points in worst))
+        extra_loss = (as_float(gap.get("mean_points")) or 0) - (as_float(gap.get("clean_points")) or 0)
+        tone = "warn" if extra_loss > 1 else "info"  # loses clearly more under corruption than clean
+        blocks.append(Callout(text, title="Robustness gap of a compressed variant", tone=tone))
+    return blocks
+
+
+# ---------------------------------------------------------------------------- adversarial
+
+
+def _adversarial_blocks(data: dict[str, Any]) -> list[Block]:
+    attacks = data.get("attacks") or {}
+    blocks: list[Block] = [Text(
+        f"White-box attacks on the PyTorch model ({fmt_text((data.get('settings') or {}).get('steps'))} steps); "
+        f"clean accuracy {fmt_percent(data.get('clean_accuracy'))}.")]
+    if attacks:
+        blocks.append(Figure(robustness_plots.epsilon_curves(attacks), alt="Robust accuracy against epsilon",
+                             caption="Robust accuracy against the attack budget; a curve that rises with epsilon, "
+                                     "or a stronger attack doing worse than FGSM, points to gradient masking."))
+    transfer = data.get("transfer") or {}
+    if transfer:
+        rows = [[name, fmt_number(eps, 4), fmt_percent(torch_acc), fmt_percent(bundle_acc)]
+                for name, entry in transfer.items()
+                for eps, torch_acc, bundle_acc in zip(entry.get("epsilons") or [], entry.get("torch") or [],
+                                                      entry.get("bundle") or [])]
+        blocks.append(Table(("attack", "epsilon", "PyTorch", "bundle (ONNX)"), rows, numeric=(1, 2, 3),
+                            caption="Adversarial images crafted on PyTorch, quantised to 8 bits and sent to the bundle",
+                            collapsed=True))
+    for warning in data.get("warnings") or []:
+        blocks.append(Callout(str(warning), title="Possible gradient masking", tone="warn"))
+    return blocks
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def _calibration_blocks(data: dict[str, Any]) -> list[Block]:
+    held_out = data.get("test") or data.get("val") or {}
+    which = "test" if data.get("test") else "val"
+    before, after = held_out.get("before") or {}, held_out.get("after") or {}
+    blocks: list[Block] = [
+        Stats([Stat("Temperature", fmt_number(data.get("temperature"), 3), note="fitted on the validation split"),
+               Stat(f"ECE ({which})", f"{fmt_percent(before.get('ece'))} → {fmt_percent(after.get('ece'))}",
+                    tone="ok" if (as_float(after.get("ece")) or 1) <= (as_float(before.get("ece")) or 0) else "warn"),
+               Stat(f"NLL ({which})", f"{fmt_number(before.get('nll'))} → {fmt_number(after.get('nll'))}")]),
+    ]
+    for label, state in (("before", before), ("after", after)):
+        if state.get("reliability"):
+            blocks.append(Figure(plots.reliability_diagram(state["reliability"], state.get("ece")),
+                                 alt=f"Reliability diagram {label} temperature scaling",
+                                 caption=f"{which} split, {label} temperature scaling (15 bins)", width_px=340))
+    return blocks
+
+
+# ---------------------------------------------------------------------------- OOD and selective prediction
+
+
+def _ood_blocks(data: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = []
+    chosen = data.get("chosen") or data.get("detector")
+    table = data.get("auroc") or {}
+    fpr = data.get("fpr95") or {}
+    if table:
+        sets = sorted({name for per in table.values() for name in (per or {})})
+        rows = [[det + (" ✓" if det == chosen else ""),
+                 *(f"{fmt_percent((table[det] or {}).get(s))} / {fmt_percent((fpr.get(det) or {}).get(s))}"
+                   for s in sets)] for det in table]
+        blocks.append(Table(("detector", *sets), rows, numeric=range(1, len(sets) + 1),
+                            caption="AUROC / FPR at 95% TPR per OOD set (✓: the detector shipped in the bundle)"))
+    histograms = data.get("histograms") or {}
+    if histograms:
+        blocks.append(Figure(robustness_plots.score_histograms(histograms, as_float(data.get("threshold")),
+                                                               str(chosen)),
+                             alt="Histograms of OOD scores",
+                             caption="Scores of in-distribution test images and of each OOD set; the dashed "
+                                     "line is the shipped threshold."))
+    curve = data.get("risk_coverage") or {}
+    if curve.get("coverage"):
+        abstain = curve.get("chosen") or {}
+        point = (as_float(abstain.get("coverage")), as_float(abstain.get("risk")))
+        blocks.append(Figure(robustness_plots.risk_coverage(curve["coverage"], curve["risk"],
+                                                            point if None not in point else None),
+                             alt="Risk-coverage curve", width_px=460,
+                             caption=f"Selective prediction by confidence; AURC {fmt_number(curve.get('aurc'), 4)}."))
+    return blocks or [Text("ood.json holds no results.", muted=True)]
+
+
+# ---------------------------------------------------------------------------- adaptation
+
+
+def _adapt_blocks(data: dict[str, Any]) -> list[Block]:
+    before, after = data.get("before") or {}, data.get("after") or {}
+    labels, b, a = [], [], []
+    for key, label in (("target_accuracy", "target"), ("source_accuracy", "source")):
+        if key in before or key in after:
+            labels.append(label)
+            b.append(before.get(key))
+            a.append(after.get(key))
+    blocks: list[Block] = [Text(f"Method {fmt_text(data.get('method'))} on {fmt_text(data.get('target'))}"
+                                f" ({fmt_text(data.get('labels', 0))} labels).")]
+    if labels:
+        blocks.append(Figure(robustness_plots.before_after_bars(labels, b, a, "Accuracy before and after adaptation"),
+                             alt="Accuracy before and after adaptation", width_px=460,
+                             caption="Target: held-out images of the new domain; source: the original test split "
+                                     "(a drop there is forgetting)."))
+    return blocks
