@@ -346,6 +346,52 @@ def stress_table(s: dict) -> object:
     return table
 
 
+def parse_epsilons(text: str) -> list[float]:
+    """``"0,1/255,0.5"`` -> floats; fractions of the pixel range, each in [0, 1]."""
+    from fractions import Fraction
+
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            values.append(float(Fraction(part)))
+        except (ValueError, ZeroDivisionError):
+            raise typer.BadParameter(f"{part!r} is not a number or fraction like 8/255", param_hint="--epsilons") from None
+    if not values:
+        raise typer.BadParameter("give at least one epsilon", param_hint="--epsilons")
+    return values
+
+
+@app.command()
+def attack(
+    target: Annotated[Path, typer.Argument(help="Run folder, or a bundle inside one (its PyTorch model is attacked; the bundle gets the transferred images).")],
+    data: DataOpt = None,
+    attacks: Annotated[str, typer.Option(help="Comma-separated: fgsm, pgd-linf, pgd-l2, apgd-ce.")] = "fgsm,pgd-linf,apgd-ce",
+    epsilons: Annotated[str, typer.Option(help="L-inf budgets as fractions of the pixel range, e.g. 0,1/255,2/255,4/255,8/255.")] = "0,1/255,2/255,4/255,8/255",
+    steps: Annotated[int, typer.Option(min=1, help="Iterations of PGD / APGD.")] = 10,
+    restarts: Annotated[int, typer.Option(min=1, help="Random restarts (worst case per image is kept).")] = 1,
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    max_images: Annotated[int, typer.Option(min=1, help="Attack a seeded subset of this many images.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of random starts.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+) -> None:
+    """Adversarial robustness: robust accuracy against epsilon (FGSM, PGD L-inf/L2 with restarts, APGD-CE), with gradient-masking warnings."""
+    from lensforge.stress.attacks_run import adversarial
+
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    result = adversarial(target, data, split=split, attacks=names, epsilons=parse_epsilons(epsilons), steps=steps,
+                         restarts=restarts, max_images=max_images, seed=seed, json_out=json_out)
+    out.print(f"clean accuracy {result['clean_accuracy']:.1%} on {result['settings']['num_samples']} images")
+    for name, curve in result["attacks"].items():
+        scale, unit = (255, "/255") if curve["norm"] == "linf" else (1, "")
+        points = "  ".join(f"{eps * scale:g}{unit}: {acc:.1%}" for eps, acc in zip(curve["epsilons"], curve["robust_accuracy"]))
+        out.print(f"{name:<9} {points}")
+    for name, row in (result.get("transfer") or {}).items():
+        points = "  ".join(f"{eps * 255:g}/255: {acc:.1%}" for eps, acc in zip(row["epsilons"], row["bundle"]))
+        out.print(f"{name:<9} on the bundle (8-bit images): {points}")
+    for warning in result["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}")
+
+
 @app.command()
 def calibrate(
     target: Annotated[Path, typer.Argument(help="Bundle, or run folder (its bundle).")],
