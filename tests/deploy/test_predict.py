@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,67 @@ def test_predicting_never_imports_torch(bundle, image_folder):
         rows = list(lensforge.deploy.predict.predict_files(bundle, {str(image_folder)!r}))
         assert len(rows) == 4, rows
         import lensforge.deploy
+        assert "torch" not in sys.modules, "torch was imported"
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------------------- guardrails
+
+GUARD_KEYS = {"ood", "ood_score", "quality", "abstain"}
+
+
+@pytest.fixture(scope="module")
+def guarded_bundle(bundle, images_for, class_names, tmp_path_factory):
+    """A copy of the default bundle with guardrails fitted on 200 photo-like images."""
+    from lensforge.data.table import ImageTable
+    from lensforge.stress.ood import fit_guardrails
+
+    images = images_for(bundle.pre, 200, seed=3)
+    n = len(images)
+    table = ImageTable(images, np.arange(n) % len(class_names), [f"photo#{i}" for i in range(n)],
+                       [None] * n, list(class_names), "classification", bundle.pre)
+    path = shutil.copytree(bundle.path, tmp_path_factory.mktemp("guarded") / "bundle")
+    fit_guardrails(path, table, n_ood=24)
+    return path
+
+
+def test_rows_without_guardrails_are_unchanged(bundle, image_folder):
+    for row in predict_files(bundle.path, image_folder):
+        assert not GUARD_KEYS & set(row)
+
+
+def test_guardrail_fields_on_every_row(guarded_bundle, image_folder, class_names, tmp_path):
+    Image.fromarray(np.full((40, 40, 3), 3, np.uint8)).save(image_folder / "e_dark.png")
+    Image.fromarray(np.full((5, 5, 3), 120, np.uint8)).save(image_folder / "f_tiny.png")
+    rows = {Path(row["path"]).name: row for row in predict_files(guarded_bundle, image_folder, batch_size=4)}
+    assert len(rows) == 6
+    for row in rows.values():
+        _check_row(row, class_names, k=4)
+        assert GUARD_KEYS <= set(row)
+        assert isinstance(row["ood"], bool) and isinstance(row["ood_score"], float)
+        assert isinstance(row["abstain"], bool) and isinstance(row["quality"], list)
+    assert "too_dark" in rows["e_dark.png"]["quality"] and "low_contrast" in rows["e_dark.png"]["quality"]
+    assert "too_small" in rows["f_tiny.png"]["quality"]
+    assert rows["d_palette.png"]["quality"] == []  # a normal 50x70 photo passes every check
+    assert rows["a_rgb.png"]["quality"] == ["too_small"]  # 40x30: upscaled to the 32 px input
+    threshold = load_bundle(guarded_bundle).manifest["guardrails"]["ood"]["threshold"]
+    assert all(row["ood"] == (row["ood_score"] > threshold) for row in rows.values())
+
+
+def test_predicting_with_guardrails_never_imports_torch(guarded_bundle, image_folder):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import lensforge.deploy.predict
+        rows = list(lensforge.deploy.predict.predict_files({str(guarded_bundle)!r}, {str(image_folder)!r}))
+        assert len(rows) == 4 and all({{"ood", "ood_score", "quality", "abstain"}} <= set(r) for r in rows), rows
         assert "torch" not in sys.modules, "torch was imported"
         print("ok")
         """

@@ -2,7 +2,9 @@
 
 Files are decoded safely, resized exactly as in training, batched, and turned into
 calibrated probabilities (softmax of logits / temperature). Rows come back in the
-order of the input files, errors included.
+order of the input files, errors included. A bundle with guardrails (see
+:mod:`lensforge.deploy.guardrails`) also flags each image: out-of-distribution,
+failed input-quality checks, and whether to abstain.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import numpy as np
 from lensforge.data.decode import IMAGE_SUFFIXES, decode_image
 from lensforge.data.preprocess import resize_to_input
 from lensforge.deploy.bundle import Bundle, load_bundle
+from lensforge.deploy.guardrails import Guardrails, guardrails_for
 from lensforge.errors import DataError, UsageError
 
 PathLike = str | os.PathLike[str]
 ON_BAD_IMAGE = ("fail", "skip")
+Pending = list[tuple[Path, np.ndarray, tuple[int, int]]]  # path, model input, decoded (width, height)
 
 
 def find_images(paths: PathLike | Iterable[PathLike]) -> list[Path]:
@@ -70,10 +74,14 @@ def predict_files(
 
     Rows are ``{"path", "label", "class_index", "confidence", "top_k": [{"label", "prob"}]}``;
     with ``on_bad_image="skip"`` an unreadable image gives ``{"path", "error"}`` instead.
+    When the bundle has guardrails, rows also carry ``"ood"`` (bool), ``"ood_score"``
+    (higher = more out-of-distribution), ``"quality"`` (failed check codes, e.g.
+    ``["too_dark"]``) and ``"abstain"`` (confidence below the fitted threshold).
     Paths are checked before the first row, so a missing path raises at the call.
 
     Raises:
         DataError: a missing path, or a bad image with ``on_bad_image="fail"``.
+        ArtifactError: the bundle's guardrails are damaged.
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise UsageError(f"on_bad_image must be one of {ON_BAD_IMAGE}, not {on_bad_image!r}")
@@ -82,53 +90,64 @@ def predict_files(
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     files = find_images(paths)
+    guardrails = guardrails_for(bundle)  # read once per bundle; a damaged file raises here
     return _predict_rows(
-        bundle, files, top_k=top_k, batch_size=batch_size, skip=on_bad_image == "skip"
+        bundle, files, guardrails, top_k=top_k, batch_size=batch_size, skip=on_bad_image == "skip"
     )
 
 
 def _predict_rows(
-    bundle: Bundle, files: list[Path], *, top_k: int, batch_size: int, skip: bool
+    bundle: Bundle,
+    files: list[Path],
+    guardrails: Guardrails | None,
+    *,
+    top_k: int,
+    batch_size: int,
+    skip: bool,
 ) -> Iterator[dict[str, Any]]:
-    pending: list[tuple[Path, np.ndarray]] = []
+    pending: Pending = []
     for path in files:
         try:
-            pixels = resize_to_input(
-                decode_image(path, mode=bundle.preprocess.mode), bundle.preprocess
-            )
+            image = decode_image(path, mode=bundle.preprocess.mode)
+            pixels = resize_to_input(image, bundle.preprocess)
         except DataError as e:
             if not skip:
                 raise
             # flush first so rows stay in input order
-            yield from _classify(bundle, pending, top_k)
+            yield from _classify(bundle, pending, top_k, guardrails)
             pending = []
             yield {"path": str(path), "error": str(e)}
             continue
-        pending.append((path, pixels))
+        pending.append((path, pixels, image.size))
         if len(pending) == batch_size:
-            yield from _classify(bundle, pending, top_k)
+            yield from _classify(bundle, pending, top_k, guardrails)
             pending = []
-    yield from _classify(bundle, pending, top_k)
+    yield from _classify(bundle, pending, top_k, guardrails)
 
 
 def _classify(
-    bundle: Bundle, items: list[tuple[Path, np.ndarray]], top_k: int
+    bundle: Bundle, items: Pending, top_k: int, guardrails: Guardrails | None
 ) -> Iterator[dict[str, Any]]:
     if not items:
         return
-    logits, _ = bundle.predict_uint8(np.stack([pixels for _, pixels in items]))
+    batch = np.stack([pixels for _, pixels, _ in items])
+    logits, features = bundle.predict_uint8(batch)
     probs = softmax(logits, bundle.temperature)
-    k = min(top_k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    for (path, _), row_probs, row_order in zip(items, probs, order):
-        best = int(row_order[0])
-        yield {
-            "path": str(path),
-            "label": bundle.class_names[best],
-            "class_index": best,
-            "confidence": float(row_probs[best]),
-            "top_k": [
-                {"label": bundle.class_names[int(i)], "prob": float(row_probs[i])}
-                for i in row_order
-            ],
-        }
+    rows = [_row(bundle, path, row_probs, top_k) for (path, _, _), row_probs in zip(items, probs)]
+    if guardrails is not None:
+        checks = guardrails.check(logits, features, batch, [size for _, _, size in items])
+        for row, check in zip(rows, checks):
+            row.update(check)
+    yield from rows
+
+
+def _row(bundle: Bundle, path: Path, probs: np.ndarray, top_k: int) -> dict[str, Any]:
+    order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
+    best = int(order[0])
+    return {
+        "path": str(path),
+        "label": bundle.class_names[best],
+        "class_index": best,
+        "confidence": float(probs[best]),
+        "top_k": [{"label": bundle.class_names[int(i)], "prob": float(probs[i])} for i in order],
+    }
