@@ -2,8 +2,10 @@
 
 Split, choose a model suited to the data and image size, train, export the
 ONNX bundle, evaluate the *bundle* on the test split (the number that ships),
-write the report, and ``summary.json``. Later issues add budgets, compression,
-stress tests and guardrails as further steps of the same chain.
+calibrate it (temperature scaling), fit its guardrails (OOD detector, input-quality
+reference, abstain threshold: they ship inside the bundle), run the quick corruption
+suite on it, write the report, and ``summary.json``. With a budget, candidates are
+trained and compressed first and the chosen artifact is shipped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class AutopilotResult:
 
 def autopilot(data: str | None = None, out: str | Path | None = None, *, model: str = "auto",
               epochs: int | None = None, seed: int = 0, console: Console | None = None,
-              show_progress: bool = True, budget: Any = None, **train_overrides: Any) -> AutopilotResult:
+              show_progress: bool = True, budget: Any = None, guardrails: bool = True,
+              **train_overrides: Any) -> AutopilotResult:
     """Run the whole chain on ``data`` (default ``builtin:digits``) into ``out`` (never overwritten).
 
     With a :class:`lensforge.select.Budget`, candidates are trained, compressed and measured, and
@@ -45,11 +48,11 @@ def autopilot(data: str | None = None, out: str | Path | None = None, *, model: 
     if budget is not None:
         return _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console)
     return _single(data or DEFAULT_DATA, out_dir, model=model, epochs=epochs, seed=seed, console=console,
-                   show_progress=show_progress, **train_overrides)
+                   show_progress=show_progress, guardrails=guardrails, **train_overrides)
 
 
 def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: int, console: Console,
-            show_progress: bool, **train_overrides: Any) -> AutopilotResult:
+            show_progress: bool, guardrails: bool = True, **train_overrides: Any) -> AutopilotResult:
     from lensforge.deploy.export import write_bundle
     from lensforge.evaluate import evaluate
     from lensforge.report import write_report
@@ -75,13 +78,39 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
     test = evaluate(bundle_dir, split="test", seed=seed).metrics
     timings["evaluate"] = time.perf_counter() - step
 
+    shipped = _guardrails(bundle_dir, console, timings, seed, show_progress) if guardrails else {}
     step = time.perf_counter()
     report = write_report(out_dir)
     timings["report"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
-    summary = _summary(cfg.data, result, test, bundle_dir, report, timings)
+    summary = {**_summary(cfg.data, result, test, bundle_dir, report, timings), "guardrails": shipped}
     atomic_write_json(out_dir / "summary.json", summary)
     return AutopilotResult(out_dir, summary)
+
+
+def _guardrails(bundle_dir: Path, console: Console, timings: dict[str, float], seed: int,
+                show_progress: bool) -> dict[str, Any]:
+    """Calibrate the bundle, fit its OOD/quality/abstain guardrails, and stress it (quick suite)."""
+    from lensforge.stress.calibration import calibrate
+    from lensforge.stress.ood import fit_guardrails
+    from lensforge.stress.suite import StressConfig, stress
+
+    step = time.perf_counter()
+    console.print("calibrating the bundle (temperature scaling on the validation split) ...")
+    calibration = calibrate(bundle_dir, seed=seed)
+    console.print("fitting guardrails: OOD detectors, input-quality reference, abstain threshold ...")
+    ood = fit_guardrails(bundle_dir, seed=seed)
+    timings["guardrails"] = time.perf_counter() - step
+    step = time.perf_counter()
+    console.print("stress-testing the bundle: quick corruption suite and prediction stability ...")
+    suite = stress(bundle_dir, cfg=StressConfig(suite="quick", max_images=1000, seed=seed), compare=[],
+                   show_progress=show_progress).summary
+    timings["stress"] = time.perf_counter() - step
+    held_out = calibration.summary.get("test", calibration.summary["val"])
+    return {"temperature": calibration.temperature, "ece_before": held_out["before"]["ece"],
+            "ece_after": held_out["after"]["ece"], "ood_detector": ood["chosen"], "ood_threshold": ood["threshold"],
+            "mean_corruption_error": suite["mean_corruption_error"],
+            "translate_flip_rate": suite.get("stability", {}).get("target", {}).get("translate_flip_rate")}
 
 
 def _summary(data: str, result: Any, test: dict[str, Any], bundle: Path, report: Path,

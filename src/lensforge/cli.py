@@ -262,6 +262,7 @@ def autopilot(
     max_latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency of one image on this machine (ms); turns on candidate selection.")] = None,
     max_size_mb: Annotated[float | None, typer.Option(help="Budget: model file size (MB).")] = None,
     max_drop: Annotated[float | None, typer.Option(help="Accuracy points a compressed variant may lose vs its parent.")] = None,
+    no_guardrails: Annotated[bool, typer.Option("--no-guardrails", help="Skip calibration, OOD/quality guardrails and the quick stress suite.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """The main job: split, pick a model, train, export, evaluate the bundle, report. No arguments needed.
@@ -278,11 +279,16 @@ def autopilot(
         budget = make_config_of(Budget, dict(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb,
                                              max_drop=1.0 if max_drop is None else max_drop))
     result = autopilot_api(data, out_dir, model=model, epochs=epochs, seed=seed, console=err,
-                           show_progress=not quiet, budget=budget)
+                           show_progress=not quiet, budget=budget, guardrails=not no_guardrails)
     s = result.summary
     t = s["metrics"]["test"]
     out.print(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test accuracy "
               f"{t['accuracy']:.2%}, macro-F1 {t['macro_f1']:.3f}, ECE {t['ece']:.3f} (measured on the ONNX bundle)")
+    g = s.get("guardrails") or {}
+    if g:
+        out.print(f"guardrails shipped in the bundle: temperature {g['temperature']:.2f} (ECE {g['ece_before']:.3f} -> "
+                  f"{g['ece_after']:.3f}), OOD detector {g['ood_detector']}, input-quality checks, abstain threshold; "
+                  f"mean corruption error {g['mean_corruption_error']:.1%} (quick suite)")
     out.print(f"report:  {s['report']}\nbundle:  {s['bundle']}\nsummary: {result.out / 'summary.json'}")
 
 
@@ -410,10 +416,55 @@ def calibrate(
         out.print(f"written: {result.path}")
 
 
+@app.command()
+def guard(
+    target: Annotated[Path, typer.Argument(help="Bundle, or run folder (its bundle).")],
+    data: DataOpt = None,
+    detector: Annotated[str, typer.Option(help="auto (best mean AUROC on validation), msp, energy, mahalanobis, vim or knn.")] = "auto",
+    ood_sets: Annotated[str | None, typer.Option(help="Comma-separated OOD sets to choose on (see `lensforge list ood-sets`).")] = None,
+    n_ood: Annotated[int, typer.Option(min=16, help="Images per OOD set.")] = 256,
+    target_risk: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Error rate the abstain threshold aims for (default: half the validation error, at least 1%).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of OOD sets and subsamples.")] = 0,
+) -> None:
+    """Fit the bundle's guardrails: OOD detector + threshold, input-quality checks, abstain threshold (predict then flags each image)."""
+    from lensforge.stress.ood import DEFAULT_OOD_SETS, fit_guardrails
+
+    sets = [x.strip() for x in ood_sets.split(",") if x.strip()] if ood_sets else DEFAULT_OOD_SETS
+    r = fit_guardrails(target, data, detector=detector, ood_sets=sets, n_ood=n_ood, target_risk=target_risk, seed=seed)
+    out.print(guard_table(r))
+    abstain = r["abstain"]["validation"]
+    gain = r.get("gain_over_msp_auroc_points")
+    out.print(f"shipped: {r['chosen']} (threshold {r['threshold']:.4g}, keeps 95% of in-distribution images)"
+              + (f", {gain:+.1f} AUROC points over max-softmax" if gain is not None else "")
+              + f"; abstain below confidence {r['abstain']['threshold']:.3f} "
+              f"({abstain['coverage']:.0%} coverage, {abstain['risk']:.2%} error on validation); "
+              f"quality flags on in-distribution images {r['quality']['flag_rate_in_distribution']['any']:.1%}")
+    out.print(f"bundle: {r['bundle']}")
+
+
+def guard_table(r: dict) -> object:
+    from rich.table import Table
+
+    table = Table(title=f"OOD detectors on the {r['split']} split of {r['data']} (AUROC / FPR at 95% TPR)")
+    detectors = r["detectors"]
+    sets = list(next(iter(detectors.values()))["auroc"])
+    for name in ("detector", *sets, "mean AUROC"):
+        table.add_column(name, justify="left" if name == "detector" else "right")
+    for det, entry in detectors.items():
+        cells = [f"{entry['auroc'][s]:.3f} / {entry['fpr95'][s]:.2f}" for s in sets]
+        table.add_row(det + (" ✓" if det == r["chosen"] else ""), *cells, f"{entry['mean_auroc']:.3f}")
+    return table
+
+
 class Kind(str, Enum):
     models = "models"
     sources = "sources"
     tasks = "tasks"
+    corruptions = "corruptions"
+    attacks = "attacks"
+    ood_detectors = "ood-detectors"
+    ood_sets = "ood-sets"
+    adaptation_methods = "adaptation-methods"
 
 
 @app.command("list")
@@ -421,7 +472,8 @@ def list_cmd(
     kind: Annotated[Kind, typer.Argument(help="What to list.")],
     pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'resnet*'.")] = "*",
 ) -> None:
-    """List registered models, data sources or tasks."""
+    """List registered models, data sources, tasks, corruptions, attacks, OOD detectors and sets, adaptation methods."""
+    names = _registry_of(kind).list(pattern) if kind not in (Kind.models, Kind.sources) else None
     if kind is Kind.models:
         from lensforge.models import list_models
 
@@ -430,11 +482,23 @@ def list_cmd(
         from lensforge.data import list_sources
 
         names = list_sources(pattern)
-    else:
-        from lensforge.tasks import TASKS
-
-        names = TASKS.list(pattern)
     out.print("\n".join(names) if names else f"no {kind.value} match {pattern!r}")
+
+
+def _registry_of(kind: Kind) -> object:
+    if kind is Kind.tasks:
+        from lensforge.tasks import TASKS as registry
+    elif kind is Kind.corruptions:
+        from lensforge.stress.corruptions import CORRUPTIONS as registry
+    elif kind is Kind.attacks:
+        from lensforge.stress.adversarial import ATTACKS as registry
+    elif kind is Kind.ood_detectors:
+        from lensforge.stress.ood import OOD_DETECTORS as registry
+    elif kind is Kind.ood_sets:
+        from lensforge.stress.ood import OOD_SETS as registry
+    else:
+        from lensforge.stress.adapt import ADAPT_METHODS as registry
+    return registry
 
 
 def load_yaml_keys(path: Path) -> set[str]:

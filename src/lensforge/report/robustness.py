@@ -158,32 +158,51 @@ def _calibration_blocks(data: dict[str, Any]) -> list[Block]:
 
 def _ood_blocks(data: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = []
-    chosen = data.get("chosen") or data.get("detector")
-    table = data.get("auroc") or {}
-    fpr = data.get("fpr95") or {}
-    if table:
-        sets = sorted({name for per in table.values() for name in (per or {})})
-        rows = [[det + (" ✓" if det == chosen else ""),
-                 *(f"{fmt_percent((table[det] or {}).get(s))} / {fmt_percent((fpr.get(det) or {}).get(s))}"
-                   for s in sets)] for det in table]
-        blocks.append(Table(("detector", *sets), rows, numeric=range(1, len(sets) + 1),
-                            caption="AUROC / FPR at 95% TPR per OOD set (✓: the detector shipped in the bundle)"))
-    histograms = data.get("histograms") or {}
-    if histograms:
-        blocks.append(Figure(robustness_plots.score_histograms(histograms, as_float(data.get("threshold")),
-                                                               str(chosen)),
+    chosen = str(data.get("chosen"))
+    detectors = {name: entry for name, entry in (data.get("detectors") or {}).items() if isinstance(entry, dict)}
+    gain = as_float(data.get("gain_over_msp_auroc_points"))
+    abstain = data.get("abstain") or {}
+    quality = data.get("quality") or {}
+    blocks.append(Stats([
+        Stat("Shipped detector", chosen, note=f"threshold {fmt_number(data.get('threshold'), 4)}, keeps 95% of "
+                                              "in-distribution images"),
+        Stat("Gain over max-softmax", MISSING if gain is None else f"{gain:+.1f} AUROC points",
+             tone="ok" if (gain or 0) > 0 else ""),
+        Stat("Abstain below", fmt_number(abstain.get("threshold"), 3),
+             note=f"{fmt_percent((abstain.get('validation') or {}).get('coverage'))} coverage on validation"),
+        Stat("Quality flags", fmt_percent((quality.get("flag_rate_in_distribution") or {}).get("any")),
+             note="of in-distribution images"),
+    ]))
+    if detectors:
+        sets = list(next(iter(detectors.values())).get("auroc") or {})
+        def cell(entry: dict[str, Any], name: str) -> str:
+            auroc, fpr = (entry.get("auroc") or {}).get(name), (entry.get("fpr95") or {}).get(name)
+            return f"{fmt_number(auroc)} / {fmt_number(fpr, 2)}"
+
+        rows = [[det + (" ✓" if det == chosen else ""), *(cell(entry, s) for s in sets),
+                 fmt_number(entry.get("mean_auroc"))] for det, entry in detectors.items()]
+        blocks.append(Table(("detector", *sets, "mean AUROC"), rows, numeric=range(1, len(sets) + 2),
+                            caption=f"AUROC / FPR at 95% TPR per OOD set on the {fmt_text(data.get('split'))} split "
+                                    "(✓: the detector shipped in the bundle)"))
+    histogram = (data.get("histograms") or {}).get(chosen) or {}
+    counts = histogram.get("counts") or {}
+    if counts and histogram.get("edges"):
+        per_set = {name: {"edges": histogram["edges"], "counts": c} for name, c in counts.items()}
+        blocks.append(Figure(robustness_plots.score_histograms(per_set, as_float(data.get("threshold")), chosen),
                              alt="Histograms of OOD scores",
-                             caption="Scores of in-distribution test images and of each OOD set; the dashed "
-                                     "line is the shipped threshold."))
-    curve = data.get("risk_coverage") or {}
+                             caption="Scores of in-distribution images and of each OOD set; the dashed line is "
+                                     "the shipped threshold."))
+    selective = data.get("selective") or {}
+    curve = selective.get("curve") or {}
     if curve.get("coverage"):
-        abstain = curve.get("chosen") or {}
-        point = (as_float(abstain.get("coverage")), as_float(abstain.get("risk")))
+        validation = abstain.get("validation") or {}
+        point = (as_float(validation.get("coverage")), as_float(validation.get("risk")))
         blocks.append(Figure(robustness_plots.risk_coverage(curve["coverage"], curve["risk"],
                                                             point if None not in point else None),
                              alt="Risk-coverage curve", width_px=460,
-                             caption=f"Selective prediction by confidence; AURC {fmt_number(curve.get('aurc'), 4)}."))
-    return blocks or [Text("ood.json holds no results.", muted=True)]
+                             caption=f"Selective prediction by calibrated confidence; AURC "
+                                     f"{fmt_number(selective.get('aurc'), 4)}."))
+    return blocks
 
 
 # ---------------------------------------------------------------------------- adaptation

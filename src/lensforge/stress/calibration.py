@@ -96,7 +96,7 @@ def calibrate_logits(val_logits: np.ndarray, val_targets: np.ndarray, test_logit
 
 
 def calibrate(target: str | Path, data: str | None = None, *, fit_split: str = "val",
-              eval_split: str = "test", write: bool = True, batch_size: int = 256) -> CalibrationResult:
+              eval_split: str = "test", write: bool = True, batch_size: int = 256, seed: int = 0) -> CalibrationResult:
     """Fit the temperature of a bundle (or a run's bundle) on its ONNX logits and store it in the bundle.
 
     ``target`` is a bundle or a run folder (its ``bundle/`` is exported first if missing). The
@@ -108,11 +108,11 @@ def calibrate(target: str | Path, data: str | None = None, *, fit_split: str = "
 
     bundle_path = resolve_bundle(target)
     opened = open_target(bundle_path, batch_size)
-    _, table, val_idx, val_targets = split_of(opened, data, fit_split)
+    _, table, val_idx, val_targets = split_of(opened, data, fit_split, seed=seed)
     val_logits = predict_table(opened.predict, table.images[val_idx], batch_size)
     test_logits = test_targets = None
     if eval_split and eval_split != fit_split:
-        _, table, test_idx, test_targets = split_of(opened, data, eval_split)
+        _, table, test_idx, test_targets = split_of(opened, data, eval_split, seed=seed)
         test_logits = predict_table(opened.predict, table.images[test_idx], batch_size)
     result = calibrate_logits(val_logits, val_targets, test_logits, test_targets)
     result.summary.update({"bundle": str(bundle_path), "data": data or opened.data})

@@ -122,7 +122,7 @@ class FittedDetector:
 
 
 DetectorFit = Callable[..., FittedDetector]  # (train: Outputs, *, temperature, seed, options)
-OOD_DETECTORS: Registry[DetectorFit] = Registry("ood detector")
+OOD_DETECTORS: Registry[DetectorFit] = Registry("ood-detector")
 
 
 def _tensor(array: np.ndarray) -> Any:
@@ -240,7 +240,7 @@ class OODContext:
     seed: int
 
 
-OOD_SETS: Registry[Callable[[OODContext], np.ndarray]] = Registry("ood set")
+OOD_SETS: Registry[Callable[[OODContext], np.ndarray]] = Registry("ood-set")
 
 
 def build_ood_set(name: str, context: OODContext) -> np.ndarray:
