@@ -39,7 +39,9 @@ class TrainConfig(BaseModel):
     schedule: Literal["cosine", "onecycle", "constant"] = "onecycle"
     warmup_epochs: float = Field(1.0, ge=0, le=1000)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    augment: Literal["auto", "none", "light", "strong"] = "auto"
+    # light/strong: random warps; augmix, randaugment, trivialaugment, corruptions: a pixel op + the light warp
+    augment: Literal["auto", "none", "light", "strong", "augmix", "randaugment", "trivialaugment",
+                     "corruptions"] = "auto"
     hflip: Literal["auto", "on", "off"] = "auto"  # auto: off for data whose classes flip (digits)
     mixup: float = Field(0.0, ge=0, le=10)  # mixup alpha; 0 = off
     cutmix: float = Field(0.0, ge=0, le=10)  # cutmix alpha; 0 = off
@@ -51,6 +53,10 @@ class TrainConfig(BaseModel):
     teacher: str | None = None  # run or bundle to distil from (knowledge distillation)
     distill_alpha: float = Field(0.5, ge=0, le=1)  # weight of the teacher's soft targets in the loss
     distill_temperature: float = Field(4.0, gt=0, le=100)  # softmax temperature for soft targets
+
+    adv_train: Literal["none", "pgd", "fgsm-rs"] = "none"  # pgd: Madry et al. 2018; fgsm-rs: Wong et al. 2020
+    adv_eps: float = Field(8 / 255, ge=0, le=1)  # L-inf budget in pixel units of [0, 1] images
+    adv_steps: int = Field(7, ge=1, le=100)  # PGD steps (step size 2.5 eps / steps); fgsm-rs takes one
 
     transfer: Literal["auto", "full", "linear", "gradual"] = "auto"
     backbone_lr_scale: float = Field(0.1, gt=0, le=1)  # backbone lr = lr x this when fine-tuning
@@ -73,6 +79,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        if self.adv_train != "none" and self.adv_eps == 0:
+            raise ValueError(f"adv_train={self.adv_train!r} needs adv_eps > 0 (e.g. 0.031 = 8/255)")
         return self
 
 

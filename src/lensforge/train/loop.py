@@ -1,8 +1,9 @@
 """``train(cfg) -> TrainResult``: the training loop.
 
 One epoch = a seeded permutation of the in-memory uint8 table, batched
-augmentation, forward/backward, gradient-health check, clipping, a step of the
-optimiser at the scheduled learning rate, and EMA. Each epoch ends with
+augmentation, optionally the batch's adversarial version (``adv_train``),
+forward/backward, gradient-health check, clipping, a step of the optimiser at
+the scheduled learning rate, and EMA. Each epoch ends with
 validation, ``metrics.jsonl``, the best weights and a crash-safe checkpoint.
 All randomness of epoch *e* comes from generators seeded by (seed, e), and the
 global RNG states are checkpointed, so ``--resume`` continues exactly.
@@ -24,7 +25,7 @@ from torch import nn
 
 from lensforge.data.table import ImageTable
 from lensforge.errors import LensforgeError
-from lensforge.train.augment import AugmentPolicy, augment_batch
+from lensforge.train.augment import AugmentPolicy, augment_batch, augment_uint8
 from lensforge.train.config import TrainConfig
 from lensforge.train.health import GradientHealthMonitor, HealthAction
 from lensforge.train.optim import schedule_factor, set_lr
@@ -90,8 +91,10 @@ class Batches:
         order = torch.arange(len(self)) if order is None else order
         for b in range(self.num_batches(drop_last)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
-            if policy is not None and generator is not None:
+            augment = policy is not None and generator is not None
+            pixels = augment_uint8(self.images[idx], policy, generator) if augment else self.images[idx]
+            x = pixels.to(self.device, non_blocking=True).float().div_(255)
+            if augment:
                 x = augment_batch(x, policy, generator)
             x = (x - self.mean) / self.std
             if self.channels_last:
@@ -118,6 +121,53 @@ def evaluate_batches(model: nn.Module, batches: Batches, amp: bool) -> tuple[flo
     return total_loss / max(1, len(batches)), correct / max(1, len(batches))
 
 
+ADV_ATTACKS = {"pgd": "pgd-linf", "fgsm-rs": "fgsm-rs"}  # adv_train value -> registered attack
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """Replaces a normalised training batch by its adversarial version (adversarial training).
+
+    Attacks run in [0, 1] pixel space (:mod:`lensforge.stress.adversarial`), so ``eps``
+    means grey levels whatever the normalisation. Choices, and why:
+
+    * The model is attacked in eval mode (BN running statistics, no dropout), as the
+      Madry lab's ``robustness`` library and TRADES do: crafting in train mode would feed
+      every attack step's batch into the BN running statistics. The flags are restored.
+    * The whole batch is replaced (100% adversarial, as Madry et al. and Wong et al.
+      train), not mixed 50/50 with clean images as in Goodfellow et al. 2015: the mix
+      buys back clean accuracy at the cost of robustness, and doubles the forward pass.
+    * Validation (and so the best epoch) stays on clean images; robust accuracy is
+      measured afterwards with ``lensforge.stress.adversarial``.
+    * The last iterate is used, not the highest-loss one, as in both papers (for
+      FGSM-RS that keeps catastrophic overfitting visible instead of hiding it).
+    * Random starts come from the epoch's generator, so ``--resume`` stays exact.
+    """
+
+    attack: str  # a registered L-inf attack: "pgd-linf" or "fgsm-rs"
+    eps: float  # pixel units of [0, 1]
+    steps: int
+    mean: torch.Tensor  # (1, C, 1, 1), on the training device
+    std: torch.Tensor
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+        from lensforge.stress.adversarial import PixelSpaceModel, attack
+
+        pixels = (x.float() * self.std + self.mean).clamp(0, 1)
+        adversarial = attack(PixelSpaceModel(model, self.mean, self.std), pixels, y, self.attack, self.eps,
+                             steps=self.steps, generator=generator, keep_worst=False)
+        out = (adversarial - self.mean) / self.std
+        return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) else out
+
+
+def make_adversary(cfg: TrainConfig, batches: Batches) -> Adversary | None:
+    if cfg.adv_train == "none":
+        return None
+    return Adversary(ADV_ATTACKS[cfg.adv_train], cfg.adv_eps, cfg.adv_steps, batches.mean, batches.std)
+
+
 @dataclass
 class StepContext:
     """What one optimisation step needs (explicit, not the whole trainer)."""
@@ -136,11 +186,20 @@ class StepContext:
     ema: Any = None
     teacher: Any = None  # callable: un-normalised [0, 1] batch -> teacher logits
     unnormalize: Any = None  # callable: normalised batch -> [0, 1] batch, for the teacher
+    adversary: Adversary | None = None  # adversarial training: batch -> adversarial batch
 
 
-def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[HealthAction, float, int]:
-    """Forward, backward, health check, clip and step; returns (action, loss, correct)."""
+def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int,
+               generator: torch.Generator | None = None) -> tuple[HealthAction, float, int]:
+    """(Adversarial batch,) forward, backward, health check, clip and step; returns (action, loss, correct).
+
+    With an adversary, loss and accuracy are those on the adversarial batch.
+    """
     hard = y
+    if ctx.adversary is not None:  # crafted on hard labels, before mixup mixes them
+        generator = generator if generator is not None else torch.Generator().manual_seed(ctx.state.step)
+        with autocast(ctx.device, ctx.amp):
+            x = ctx.adversary(ctx.model, x, y, generator)
     if ctx.mixup is not None:
         x, y = ctx.mixup(x, y)
     with autocast(ctx.device, ctx.amp):
@@ -211,7 +270,7 @@ def run_epoch(ctx: StepContext, batches: Batches, policy: AugmentPolicy, epoch: 
     for i, (x, y) in enumerate(batches.iterate(order, policy, generator, drop_last)):
         if ctx.cfg.max_train_batches and i >= ctx.cfg.max_train_batches:
             break
-        action, loss, hits = train_step(ctx, x, y, epoch)
+        action, loss, hits = train_step(ctx, x, y, epoch, generator)
         if action is not HealthAction.OK:
             handle_unhealthy(ctx, action, good)
         else:

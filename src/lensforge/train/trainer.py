@@ -32,6 +32,7 @@ from lensforge.train.loop import (
     LoopState,
     StepContext,
     evaluate_batches,
+    make_adversary,
     run_epoch,
     snapshot,
 )
@@ -190,7 +191,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         console.print(f"resuming [bold]{cfg.out}[/] after epoch {state.epoch}")
     ctx = StepContext(model, optimizer, criterion, monitor, cfg, state, steps_per_epoch * cfg.epochs,
                       int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device, mixup, ema,
-                      _make_teacher(cfg, table, resolved.device), train_batches.unnormalize)
+                      _make_teacher(cfg, table, resolved.device), train_batches.unnormalize,
+                      make_adversary(cfg, train_batches))
     _fit(ctx, train_batches, val_batches, resolved, console, show_progress)
     timings["train"] = time.perf_counter() - started - timings["data"]
     final = _finish(ctx, resolved, table, timings)
