@@ -56,7 +56,10 @@ def train(
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: from model and data).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Weights: a .safetensors/.pth path, 'package' (EfficientNet-Lite0) or 'hub'.")] = None,
     transfer: Annotated[str | None, typer.Option(help="With pretrained weights: full, linear or gradual.")] = None,
-    augment: Annotated[str | None, typer.Option(help="auto, none, light or strong.")] = None,
+    augment: Annotated[str | None, typer.Option(help="auto, none, light, strong, augmix, randaugment, trivialaugment or corruptions (robust training).")] = None,
+    adv_train: Annotated[str | None, typer.Option(help="Adversarial training: none, pgd (Madry et al.) or fgsm-rs (Wong et al., fast).")] = None,
+    adv_eps: Annotated[float | None, typer.Option(help="Adversarial-training L-inf budget in [0, 1] pixel units (default 8/255 = 0.0314).")] = None,
+    adv_steps: Annotated[int | None, typer.Option(help="PGD steps for --adv-train pgd (default 7).")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay (not on norms and biases).")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing (default 0.1).")] = None,
     mixup: Annotated[float | None, typer.Option(help="Mixup alpha (0 = off).")] = None,
@@ -88,7 +91,8 @@ def train(
                          weight_decay=weight_decay, label_smoothing=label_smoothing, teacher=teacher,
                          distill_alpha=distill_alpha, distill_temperature=distill_temperature, splits_file=splits_file,
                          ema=ema, seed=seed, on_bad_image=on_bad_image.value if on_bad_image else None,
-                         tensorboard=tensorboard, max_train_batches=max_train_batches)
+                         tensorboard=tensorboard, max_train_batches=max_train_batches, adv_train=adv_train,
+                         adv_eps=adv_eps, adv_steps=adv_steps)
     if resume and out_dir is None and config is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER", param_hint="--resume")
     result = train_api(cfg, resume=resume, console=err, show_progress=not quiet)
