@@ -209,18 +209,24 @@ def _ood_blocks(data: dict[str, Any]) -> list[Block]:
 
 
 def _adapt_blocks(data: dict[str, Any]) -> list[Block]:
-    before, after = data.get("before") or {}, data.get("after") or {}
-    labels, b, a = [], [], []
-    for key, label in (("target_accuracy", "target"), ("source_accuracy", "source")):
-        if key in before or key in after:
-            labels.append(label)
-            b.append(before.get(key))
-            a.append(after.get(key))
-    blocks: list[Block] = [Text(f"Method {fmt_text(data.get('method'))} on {fmt_text(data.get('target'))}"
-                                f" ({fmt_text(data.get('labels', 0))} labels).")]
-    if labels:
-        blocks.append(Figure(robustness_plots.before_after_bars(labels, b, a, "Accuracy before and after adaptation"),
-                             alt="Accuracy before and after adaptation", width_px=460,
-                             caption="Target: held-out images of the new domain; source: the original test split "
-                                     "(a drop there is forgetting)."))
+    target, source = data.get("target_accuracy") or {}, data.get("source_accuracy") or {}
+    after_target = target.get("after_bundle", target.get("after"))
+    split = data.get("split") or {}
+    reduction = as_float(data.get("target_error_reduction"))
+    blocks: list[Block] = [
+        Text(f"Adapted with {fmt_text(data.get('method'))} from {fmt_text(data.get('source_run'))} to "
+             f"{fmt_text(data.get('target'))}: {fmt_text(split.get('adapt'))} target images to adapt on "
+             f"({fmt_text(split.get('labelled'))} labelled), {fmt_text(split.get('held_out'))} held out to score."),
+        Stats([Stat("Target accuracy", f"{fmt_percent(target.get('before'))} → {fmt_percent(after_target)}",
+                    note="held-out target images, adapted bundle", tone="ok" if (reduction or 0) > 0 else "warn"),
+               Stat("Target error cut", MISSING if reduction is None else f"{reduction:.0%}", note="relative"),
+               Stat("Source accuracy", f"{fmt_percent(source.get('before'))} → {fmt_percent(source.get('after'))}",
+                    note="a drop is forgetting",
+                    tone="warn" if (as_float(data.get("forgetting")) or 0) > 0.01 else "")]),
+    ]
+    if target or source:
+        blocks.append(Figure(robustness_plots.before_after_bars(
+            ["target", "source"], [target.get("before"), source.get("before")], [after_target, source.get("after")],
+            "Accuracy before and after adaptation"), alt="Accuracy before and after adaptation", width_px=460,
+            caption="Target: held-out images of the new domain; source: the original test split."))
     return blocks
