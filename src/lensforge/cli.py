@@ -421,6 +421,26 @@ def calibrate(
 
 
 @app.command()
+def adapt(
+    run: Annotated[Path, typer.Argument(help="Run folder trained on the source domain (never modified).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Data of the new domain, e.g. 'builtin:shapes?domain=shifted&seed=1' or a folder.")],
+    method: Annotated[str, typer.Option(help="bn (BatchNorm statistics), tent (entropy minimisation), pseudo-label (self-training) or finetune (needs --labels).")] = "bn",
+    labels: Annotated[int, typer.Option(min=0, help="Labelled target images for finetune (stratified, seeded).")] = 0,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="New run folder (default RUN-adapted-METHOD).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override the method's epochs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Override the method's learning rate.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the target split and the updates.")] = 0,
+) -> None:
+    """Test-time / domain adaptation: accuracy on the target before and after (and on the source), adapted run + bundle."""
+    from lensforge.stress.adapt import adapt as adapt_api
+
+    result = adapt_api(run, target, method=method, labels=labels, out=out_dir, epochs=epochs, lr=lr, seed=seed,
+                       progress=lambda line: err.print(line))
+    for line in result.summary_lines():
+        out.print(line)
+
+
+@app.command()
 def guard(
     target: Annotated[Path, typer.Argument(help="Bundle, or run folder (its bundle).")],
     data: DataOpt = None,
