@@ -286,12 +286,12 @@ def autopilot(
                            show_progress=not quiet, budget=budget, guardrails=not no_guardrails)
     s = result.summary
     t = s["metrics"]["test"]
-    out.print(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test accuracy "
-              f"{t['accuracy']:.2%}, macro-F1 {t['macro_f1']:.3f}, ECE {t['ece']:.3f} (measured on the ONNX bundle)")
     g = s.get("guardrails") or {}
+    ece = f"ECE {g['ece_after']:.3f} calibrated ({t['ece']:.3f} before)" if g else f"ECE {t['ece']:.3f}"
+    out.print(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test accuracy "
+              f"{t['accuracy']:.2%}, macro-F1 {t['macro_f1']:.3f}, {ece} (measured on the ONNX bundle)")
     if g:
-        out.print(f"guardrails shipped in the bundle: temperature {g['temperature']:.2f} (ECE {g['ece_before']:.3f} -> "
-                  f"{g['ece_after']:.3f}), OOD detector {g['ood_detector']}, input-quality checks, abstain threshold; "
+        out.print(f"guardrails shipped in the bundle: temperature {g['temperature']:.2f}, OOD detector {g['ood_detector']}, input-quality checks, abstain threshold; "
                   f"mean corruption error {g['mean_corruption_error']:.1%} (quick suite)")
     out.print(f"report:  {s['report']}\nbundle:  {s['bundle']}\nsummary: {result.out / 'summary.json'}")
 

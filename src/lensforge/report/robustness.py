@@ -163,10 +163,12 @@ def _ood_blocks(data: dict[str, Any]) -> list[Block]:
     gain = as_float(data.get("gain_over_msp_auroc_points"))
     abstain = data.get("abstain") or {}
     quality = data.get("quality") or {}
+    mean_auroc = (detectors.get(chosen) or {}).get("mean_auroc")
     blocks.append(Stats([
-        Stat("Shipped detector", chosen, note=f"threshold {fmt_number(data.get('threshold'), 4)}, keeps 95% of "
-                                              "in-distribution images"),
-        Stat("Gain over max-softmax", MISSING if gain is None else f"{gain:+.1f} AUROC points",
+        Stat("OOD detector AUROC", fmt_number(mean_auroc), note=f"{chosen} (shipped), threshold "
+                                                              f"{fmt_number(data.get('threshold'), 4)} keeps 95% of "
+                                                              "in-distribution images"),
+        Stat("Gain over max-softmax", MISSING if gain is None else f"{gain:+.1f}", note="mean AUROC points",
              tone="ok" if (gain or 0) > 0 else ""),
         Stat("Abstain below", fmt_number(abstain.get("threshold"), 3),
              note=f"{fmt_percent((abstain.get('validation') or {}).get('coverage'))} coverage on validation"),

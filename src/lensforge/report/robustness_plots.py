@@ -83,7 +83,7 @@ def risk_coverage(coverage: Sequence[Any], risk: Sequence[Any], chosen: tuple[fl
         if chosen is not None:
             ax.scatter([chosen[0] * 100], [chosen[1] * 100], color="#c62828", zorder=3,
                        label=f"abstain threshold: {chosen[0]:.0%} covered, {chosen[1]:.1%} error")
-            ax.legend(loc="upper left")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncols=1)
         ax.set(xlabel="coverage (%)", ylabel="error on accepted (%)", xlim=(0, 101), title="Risk-coverage")
         return to_png(fig)
 
