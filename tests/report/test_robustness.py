@@ -46,7 +46,7 @@ def test_every_stress_file_adds_its_group_and_figures(stressed_run):
         assert title in section
     # heatmap, epsilon curves, 2 reliability diagrams, OOD histogram, risk-coverage, adaptation bars
     assert len(PNG_URI.findall(section[:section.index("</section>")] if "</section>" in section else section)) >= 7
-    assert "Shipped detector" in section and "Temperature" in section and "Target error cut" in section
+    assert "OOD detector AUROC" in section and "Temperature" in section and "Target error cut" in section
 
 
 def test_section_absent_without_stress_files(tmp_path):
