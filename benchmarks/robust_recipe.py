@@ -39,6 +39,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=8000)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipes", default="auto,augmix,corruptions")
     parser.add_argument("--suite", default="full")
     parser.add_argument("--quick", action="store_true", help="1,500 images, 3 epochs, quick suite")
@@ -66,7 +67,8 @@ def main() -> None:
     _common.print_header("Robust recipes vs standard on builtin:shapes", info)
     runs, train_s = {}, {}
     for augment in args.recipes.split(","):
-        wanted = _common.shapes_recipe("tinycnn_s", n=args.n, size=args.size, epochs=args.epochs, augment=augment)
+        wanted = _common.shapes_recipe("tinycnn_s", n=args.n, size=args.size, epochs=args.epochs, augment=augment,
+                                       **({"seed": args.seed} if args.seed else {}))
         trained = _common.trained_run(wanted, args.workdir)
         runs[augment], train_s[augment] = trained.path, trained.train_s
         if not is_bundle(trained.path / "bundle"):
@@ -90,7 +92,10 @@ def main() -> None:
                "mean_corruption_error": summary["mean_corruption_error"], "mce": errors["mce"],
                "relative_mce": errors["relative_mce"], "mce_reduction": 1 - errors["mce"],
                "held_out_error": held_out_error(summary), "train_s": train_s[augment],
-               "family_accuracy": summary["family_accuracy"]}
+               "family_accuracy": summary["family_accuracy"],
+               "per_corruption": {name: {"ce": errors["per_corruption"][name]["ce"],
+                                         "error_mean": entry["error_mean"]}
+                                  for name, entry in summary["corruptions"].items()}}
         rows.append(row)
         print(f"{augment:<12} {summary['clean_accuracy']:>7.2%} {-clean_drop:>+7.2f} "
               f"{summary['mean_corruption_error']:>9.2%} {errors['mce']:>6.3f} {1 - errors['mce']:>9.1%} "
