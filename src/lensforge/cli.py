@@ -480,6 +480,27 @@ def guard_table(r: dict) -> object:
     return table
 
 
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (e.g. runs/autopilot/bundle).")],
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local (use 0.0.0.0 only behind a proxy/firewall).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the bundle and batches on its own).")] = 1,
+    api_key_env: Annotated[str | None, typer.Option(help="Name of an environment variable holding the API key; then every route but /healthz and /readyz needs it.")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Largest micro-batch.")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(min=0, help="Longest a request waits for others to join its batch.")] = None,
+    queue_size: Annotated[int | None, typer.Option(min=1, help="Images waiting at most; beyond it requests get 503 + Retry-After.")] = None,
+) -> None:
+    """Serve the bundle over HTTP: batched ONNX Runtime inference with guardrail flags, drift monitoring and Prometheus metrics."""
+    from lensforge.serve import ServeConfig, run_server
+    from lensforge.train.config import make_config_of
+
+    overrides = {k: v for k, v in dict(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size).items()
+                 if v is not None}
+    cfg = make_config_of(ServeConfig, dict(host=host, port=port, workers=workers, api_key_env=api_key_env, **overrides))
+    run_server(bundle, cfg)
+
+
 class Kind(str, Enum):
     models = "models"
     sources = "sources"
