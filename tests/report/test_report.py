@@ -168,22 +168,22 @@ def test_mistake_image_outside_run_folder_is_not_embedded(full_run: Path, tmp_pa
 
 
 def test_third_party_section_appears_in_order(full_run: Path, scratch_registry: None) -> None:
-    @register_section("robustness", order=45)
-    def robustness(run: RunFiles) -> Section | None:
-        scores = run.json("stress/robustness.json")
+    @register_section("plugin-fog", order=47)
+    def plugin_fog(run: RunFiles) -> Section | None:
+        scores = run.json("plugin/fog.json")
         if scores is None:
             return None
-        return Section("Robustness <fp32 vs int8>", [Stats([Stat("fog", f"{scores['fog']:.0%}")])])
+        return Section("Fog <fp32 vs int8>", [Stats([Stat("fog", f"{scores['fog']:.0%}")])])
 
     html = write_report(full_run, strict=True).read_text(encoding="utf-8")
-    assert "robustness" not in section_ids(html)  # its input is missing: skipped
+    assert "plugin-fog" not in section_ids(html)  # its input is missing: skipped
 
-    (full_run / "stress").mkdir()
-    (full_run / "stress/robustness.json").write_text('{"fog": 0.61}')
+    (full_run / "plugin").mkdir()
+    (full_run / "plugin/fog.json").write_text('{"fog": 0.61}')
     html = write_report(full_run, strict=True).read_text(encoding="utf-8")
     assert section_ids(html) == ["summary", "learning-curves", "gradient-health", "evaluation",
-                                 "robustness", "bundle", "configuration"]
-    assert "<h2>Robustness &lt;fp32 vs int8&gt;</h2>" in html and "61%" in html
+                                 "plugin-fog", "bundle", "configuration"]
+    assert "<h2>Fog &lt;fp32 vs int8&gt;</h2>" in html and "61%" in html
 
 
 def test_duplicate_section_name_raises(scratch_registry: None) -> None:

@@ -9,24 +9,26 @@ Adding a section (e.g. from ``lensforge/stress/``)::
 
     from lensforge.report import RunFiles, Section, Stat, Stats, Table, register_section
 
-    @register_section("robustness", order=60)
-    def robustness_section(run: RunFiles) -> Section | None:
-        scores = run.json("stress/robustness.json")  # None when the file is missing
+    @register_section("my-scores", order=60)
+    def my_scores_section(run: RunFiles) -> Section | None:
+        scores = run.json("my/scores.json")  # None when the file is missing
         if scores is None:
             return None  # section skipped
         rows = [[name, f"{acc:.1%}"] for name, acc in scores["accuracy"].items()]
-        return Section("Robustness", [Table(("corruption", "accuracy"), rows, numeric=(1,))])
+        return Section("My scores", [Table(("corruption", "accuracy"), rows, numeric=(1,))])
 
 Sections appear by ascending ``order`` (summary 10, learning-curves 20,
-gradient-health 30, evaluation 40, bundle 50, configuration 90); names are
+gradient-health 30, evaluation 40, deployment 45, robustness 48, bundle 50,
+configuration 90); names are
 unique (a duplicate raises ValueError) and become the HTML anchors. Sections
 return data blocks (:mod:`lensforge.report.blocks`: Text, Stats, Callout,
 Figure, Gallery, Table, Code, Group), never HTML: the template escapes all text.
 Plots go in a :class:`Figure` as PNG bytes, e.g. from
 :func:`lensforge.report.plots.to_png` on a :class:`matplotlib.figure.Figure`.
 The module defining a section must be imported before ``write_report`` runs;
-built-in sections live in :mod:`lensforge.report.sections` and
-:mod:`lensforge.report.evaluation`.
+built-in sections live in :mod:`lensforge.report.sections`,
+:mod:`lensforge.report.evaluation`, :mod:`lensforge.report.deployment` and
+:mod:`lensforge.report.robustness`.
 """
 
 from lensforge.report.blocks import (

@@ -616,7 +616,8 @@ def fit_guardrails(
     ``bundle`` is a bundle or a run folder (its ``bundle/``, exported first if missing).
     Detectors are fitted on the training split; the detector (``"auto"``: best mean AUROC),
     its threshold (95% of in-distribution kept) and the abstain threshold are chosen on the
-    validation split. Writes ``guardrails/ood.npz`` and the manifest key ``"guardrails"``
+    validation split, and so is the drift reference (``guardrails["drift"]``, see
+    :mod:`lensforge.stress.drift_reference`). Writes ``guardrails/ood.npz`` and the manifest key ``"guardrails"``
     with :func:`~lensforge.deploy.bundle.update_bundle`. Returns the report: detector table,
     histograms, choice, quality reference, risk-coverage curve; with ``write``, it also goes
     to ``RUN/stress/ood.json`` when the bundle belongs to a run (as calibrate does).
@@ -627,6 +628,7 @@ def fit_guardrails(
         UsageError: an unknown detector or OOD set, or no data for a bundle outside a run.
     """
     from lensforge.stress.calibration import resolve_bundle
+    from lensforge.stress.drift_reference import fit_drift_reference
     from lensforge.stress.quality import fit_quality
     from lensforge.stress.selective import fit_abstain
 
@@ -647,8 +649,12 @@ def fit_guardrails(
     quality = fit_quality(in_dist.images("train"), bundle.preprocess.input_size,
                           native_sides=_native_sides(in_dist), check_images=in_dist.images("val"))
     ood_entry = _ood_entry(evaluation, chosen, in_dist, seed)
+    drift = fit_drift_reference(in_dist.images("val"), val.logits, temperature=bundle.temperature,
+                                ood_flags=evaluation.in_scores[chosen] > ood_entry["threshold"],
+                                fitted_on={"data": in_dist.spec})
+    spec = {"version": 1, "ood": ood_entry, "quality": quality, "abstain": abstain}
     update_bundle(bundle, files={OOD_FILE: params_to_npz(evaluation.detectors[chosen].params)},
-                  updates={GUARDRAILS_KEY: {"version": 1, "ood": ood_entry, "quality": quality, "abstain": abstain}})
+                  updates={GUARDRAILS_KEY: {**spec, "drift": drift} if drift else spec})
     report = {"bundle": str(bundle.path), "data": in_dist.spec, **evaluation.report(), "chosen": chosen,
               "threshold": ood_entry["threshold"], "gain_over_msp_auroc_points": _gain_over_msp(evaluation, chosen),
               "in_distribution": {s: int(len(in_dist.indices(s))) for s in ("train", "val")},
