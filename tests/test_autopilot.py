@@ -12,7 +12,7 @@ from lensforge.deploy import load_bundle
 def test_autopilot_writes_summary_bundle_report_and_never_overwrites(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first = autopilot(epochs=4, show_progress=False, model="tinycnn_xs")
-    second = autopilot(epochs=1, show_progress=False, model="tinycnn_xs", max_train_batches=2)
+    second = autopilot(epochs=1, show_progress=False, model="tinycnn_xs", max_train_batches=2, guardrails=False)
     assert first.out.name == "autopilot" and second.out.name == "autopilot-2"
     summary = json.loads((first.out / "summary.json").read_text())
     for key in ("task", "data", "model", "bundle", "report", "timings_s"):
@@ -24,3 +24,8 @@ def test_autopilot_writes_summary_bundle_report_and_never_overwrites(tmp_path, m
     assert bundle.class_names == [str(d) for d in range(10)]
     html = (first.out / "report.html").read_text()
     assert "Learning curves" in html and "data:image/png" in html
+    # the default bundle ships its guardrails, and the report shows the stress results
+    assert bundle.temperature != 1.0 and {"ood", "quality", "abstain"} <= set(bundle.manifest["guardrails"])
+    assert summary["guardrails"]["ood_detector"] == bundle.manifest["guardrails"]["ood"]["detector"]
+    assert (first.out / "stress" / "corruptions.json").exists() and "Corruptions and shifts" in html
+    assert "guardrails" not in load_bundle(second.out / "bundle").manifest
