@@ -492,13 +492,12 @@ def serve(
     queue_size: Annotated[int | None, typer.Option(min=1, help="Images waiting at most; beyond it requests get 503 + Retry-After.")] = None,
 ) -> None:
     """Serve the bundle over HTTP: batched ONNX Runtime inference with guardrail flags, drift monitoring and Prometheus metrics."""
-    from lensforge.serve import ServeConfig, run_server
-    from lensforge.train.config import make_config_of
+    from lensforge.serve import make_serve_config, run_server  # torch-free: the serving path never imports torch
 
     overrides = {k: v for k, v in dict(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size).items()
                  if v is not None}
-    cfg = make_config_of(ServeConfig, dict(host=host, port=port, workers=workers, api_key_env=api_key_env, **overrides))
-    run_server(bundle, cfg)
+    run_server(bundle, make_serve_config(dict(host=host, port=port, workers=workers, api_key_env=api_key_env,
+                                              **overrides)))
 
 
 class Kind(str, Enum):
