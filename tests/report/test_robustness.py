@@ -14,18 +14,13 @@ PNG_URI = re.compile(r'src="data:image/png;base64,')
 
 
 @pytest.fixture(scope="module")
-def stressed_run(tmp_path_factory):
-    from lensforge.deploy.from_run import export_run
+def stressed_run(digits_run):
     from lensforge.stress.attacks_run import adversarial
     from lensforge.stress.calibration import calibrate
     from lensforge.stress.ood import fit_guardrails
     from lensforge.stress.suite import StressConfig, stress
-    from lensforge.train import resolve_config, train
 
-    out = tmp_path_factory.mktemp("robust-report") / "run"
-    train(resolve_config(None, data="builtin:digits", model="tinycnn_xs", image_size=8, epochs=2, out=str(out)),
-          show_progress=False)
-    export_run(out)
+    out = digits_run
     calibrate(out)
     fit_guardrails(out, n_ood=64)
     stress(out / "bundle", cfg=StressConfig(max_images=60), compare=[], show_progress=False)

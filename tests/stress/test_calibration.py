@@ -16,7 +16,6 @@ from lensforge.stress.calibration import (
     fit_temperature,
     nll,
 )
-from lensforge.train import resolve_config, train
 
 
 def _sampled(n: int, k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -58,12 +57,8 @@ def test_bad_fitting_data(logits, targets, error, match):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("calibrate") / "run"
-    # no label smoothing, many epochs on tiny data: an over-confident model to calibrate
-    train(resolve_config(None, data="builtin:digits", model="tinycnn_xs", image_size=8, epochs=3,
-                         label_smoothing=0.0, out=str(out)), show_progress=False)
-    return out
+def run_dir(digits_run):
+    return digits_run
 
 
 def test_calibrate_writes_the_temperature_into_the_bundle(run_dir, tmp_path):

@@ -6,22 +6,15 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import run as run_cli
+
 from lensforge.errors import UsageError
 from lensforge.stress.suite import StressConfig, _shift, corruption_errors, stress
-from lensforge.train import resolve_config, train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("suite") / "run"
-    train(resolve_config(None, data="builtin:digits", model="tinycnn_xs", image_size=8, epochs=3, out=str(out)),
-          show_progress=False)
-    from lensforge.deploy.from_run import export_run
-
-    export_run(out)
-    return out
+def run_dir(digits_run):
+    return digits_run
 
 
 def test_bundle_and_run_see_the_same_corrupted_pixels(run_dir):
