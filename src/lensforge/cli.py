@@ -141,17 +141,29 @@ def export(
 
 @app.command()
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    paths: Annotated[list[Path], typer.Argument(help="BUNDLE then image files or folders; with --url, only images.", metavar="[BUNDLE] IMAGES...")],
+    url: Annotated[str | None, typer.Option(help="Classify on a running `lensforge serve` at this URL instead of a local bundle.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="With --url: environment variable holding the server's API key.")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="How many classes to list per image.")] = 5,
     on_bad_image: Annotated[BadImage, typer.Option(help="What to do with unreadable images.")] = BadImage.fail,
 ) -> None:
-    """Predict with ONNX Runtime only (no torch); prints one JSON line per image."""
-    from lensforge.deploy.bundle import load_bundle
-    from lensforge.deploy.predict import predict_files
+    """Predict with ONNX Runtime only (no torch), locally or on a server; prints one JSON line per image (with guardrail flags when the bundle has them)."""
+    if url is not None:
+        from lensforge.client import predict_remote
 
-    loaded = load_bundle(bundle)
-    for row in predict_files(loaded, images, top_k=top_k, on_bad_image=on_bad_image.value):
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not key:
+            raise typer.BadParameter(f"environment variable {api_key_env} is not set", param_hint="--api-key-env")
+        rows = predict_remote(url, paths, api_key=key, top_k=top_k, on_bad_image=on_bad_image.value)
+    else:
+        from lensforge.deploy.bundle import load_bundle
+        from lensforge.deploy.predict import predict_files
+
+        if len(paths) < 2:
+            raise typer.BadParameter("give a bundle and at least one image (or --url URL and images)",
+                                     param_hint="PATHS")
+        rows = predict_files(load_bundle(paths[0]), paths[1:], top_k=top_k, on_bad_image=on_bad_image.value)
+    for row in rows:
         sys.stdout.write(json.dumps(row) + "\n")
 
 
