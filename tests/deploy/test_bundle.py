@@ -185,3 +185,11 @@ def test_update_bundle_refuses_an_altered_bundle(bundle_copy):
     model.write_bytes(bytes(data))
     with pytest.raises(LensforgeError, match="sha256 mismatch"):
         update_bundle(bundle_copy, updates={"temperature": 2.0})
+
+
+def test_spin_false_turns_off_ort_thread_spinning(bundle):
+    quiet = load_bundle(bundle.path, spin=False)
+    options = quiet.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    logits, _ = quiet.run(np.zeros((1, quiet.preprocess.channels, *quiet.preprocess.input_size), np.float32))
+    assert np.isfinite(logits).all()

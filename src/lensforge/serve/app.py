@@ -65,7 +65,8 @@ class ModelService:
     def __init__(self, bundle_path: str | os.PathLike[str], cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.api_key = _api_key(cfg)
-        self.bundle: Bundle = load_bundle(bundle_path)  # verifies every file's SHA-256
+        # verifies every file's SHA-256; no spinning ORT threads: the cores are shared with HTTP handling
+        self.bundle: Bundle = load_bundle(bundle_path, spin=False)
         self.guardrails = guardrails_for(self.bundle)
         abstain = self.guardrails.abstain if self.guardrails is not None else None
         self.low_confidence = (cfg.low_confidence if cfg.low_confidence is not None
