@@ -55,7 +55,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, default=None, help="Serve this bundle (default: train tinycnn_s).")
     parser.add_argument("--requests", type=int, default=10_000, help="Requests per server, warm-up excluded.")
     parser.add_argument("--concurrency", type=int, default=32, help="Requests in flight.")
-    parser.add_argument("--client", choices=("httpx", "raw"), default="httpx",
+    parser.add_argument("--client", choices=("httpx", "raw"), default="raw",
                         help="httpx.AsyncClient, or pre-built requests on asyncio streams (much less client CPU).")
     parser.add_argument("--workdir", type=Path, default=_common.DEFAULT_WORKDIR)
     parser.add_argument("--json", type=Path, default=None)
