@@ -224,7 +224,9 @@ def predict_remote(url: str, paths: PathLike | Iterable[PathLike], *, api_key: s
         raise UsageError(f"on_bad_image must be 'fail' or 'skip', not {on_bad_image!r}")
     if top_k < 1:
         raise UsageError(f"top_k must be >= 1 (got {top_k})")
-    files = image_files(paths)
+    from lensforge.data.decode import find_images
+
+    files = find_images(paths)
     return _remote_rows(url, files, api_key=api_key, top_k=top_k, skip=on_bad_image == "skip", timeout=timeout)
 
 
@@ -280,26 +282,3 @@ def _chunks(files: list[Path]) -> Iterator[list[Path]]:
         yield chunk
 
 
-def image_files(paths: PathLike | Iterable[PathLike]) -> list[Path]:
-    """Folders expanded to their image files (sorted, recursive); files kept as given.
-
-    The same rule as :func:`lensforge.deploy.predict.find_images`, repeated here so that a
-    client host needs neither ONNX Runtime nor the bundle code.
-    """
-    from lensforge.data.decode import IMAGE_SUFFIXES
-
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not images:
-                raise DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            found.extend(images)
-        elif path.exists():
-            found.append(path)
-        else:
-            raise DataError(f"{path}: no such file or folder")
-    return found

@@ -8,7 +8,9 @@ Decompression bombs are refused, EXIF orientation is applied, and palette, CMYK,
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +81,28 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
     if img.mode != mode:
         img = img.convert(mode)
     return img
+
+
+def find_images(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand folders (recursively, image suffixes only, sorted); explicit files are kept as given.
+
+    Shared by local ``predict`` and the HTTP client (this module needs neither ONNX Runtime nor torch).
+
+    Raises:
+        DataError: a path does not exist, or a folder holds no image files.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
+                raise DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            found.extend(images)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return found

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lensforge.data.decode import IMAGE_SUFFIXES, decode_image
+from lensforge.data.decode import decode_image, find_images
 from lensforge.data.preprocess import resize_to_input
 from lensforge.deploy.bundle import Bundle, load_bundle
 from lensforge.deploy.guardrails import Guardrails, guardrails_for
@@ -25,33 +25,6 @@ from lensforge.errors import DataError, UsageError
 PathLike = str | os.PathLike[str]
 ON_BAD_IMAGE = ("fail", "skip")
 Pending = list[tuple[Path, np.ndarray, tuple[int, int]]]  # path, model input, decoded (width, height)
-
-
-def find_images(paths: PathLike | Iterable[PathLike]) -> list[Path]:
-    """Expand folders (recursively, image suffixes only, sorted); explicit files are kept as given.
-
-    Raises:
-        DataError: a path does not exist, or a folder holds no image files.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            images = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            )
-            if not images:
-                raise DataError(
-                    f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder"
-                )
-            found.extend(images)
-        elif path.exists():
-            found.append(path)
-        else:
-            raise DataError(f"{path}: no such file or folder")
-    return found
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
