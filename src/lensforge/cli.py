@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lensforge.errors import LensforgeError
 
@@ -582,11 +583,26 @@ def main() -> None:
     except LensforgeError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except ModuleNotFoundError as e:
+        extra = _EXTRA_OF.get((e.name or "").split(".")[0])
+        if extra is None or debug:
+            raise
+        hint = escape(f"pip install 'lensforge[{extra}]'")  # brackets are rich markup otherwise
+        err.print(f"[red]error:[/] this command needs {e.name}, which comes with the '{extra}' extra: {hint}",
+                  highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+# third-party modules of the optional extras, for a one-line install hint when one is missing
+_EXTRA_OF = {name: "train" for name in ("torch", "torchvision", "timm", "torchmetrics", "onnx", "onnxscript", "yaml",
+                                         "jinja2", "matplotlib", "sklearn", "scipy", "safetensors", "torch_pruning",
+                                         "pytorch_ood")}
+_EXTRA_OF.update({name: "serve" for name in ("fastapi", "starlette", "uvicorn", "prometheus_client", "multipart")})
 
 
 if __name__ == "__main__":
