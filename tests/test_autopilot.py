@@ -29,3 +29,15 @@ def test_autopilot_writes_summary_bundle_report_and_never_overwrites(tmp_path, m
     assert summary["guardrails"]["ood_detector"] == bundle.manifest["guardrails"]["ood"]["detector"]
     assert (first.out / "stress" / "corruptions.json").exists() and "Corruptions and shifts" in html
     assert "guardrails" not in load_bundle(second.out / "bundle").manifest
+
+
+@pytest.mark.slow
+def test_budgeted_autopilot_ships_the_pick_with_its_own_guardrails(tmp_path):
+    from lensforge.select import Budget, Candidate
+
+    result = autopilot(out=tmp_path / "budget", epochs=2, show_progress=False,
+                       budget=Budget(max_latency_ms=1000, max_size_mb=100), candidates=[Candidate("tinycnn_xs", 8)])
+    bundle = load_bundle(result.out / "bundle")  # hashes verify after the guardrails were written into it
+    shipped = result.summary["guardrails"]
+    assert bundle.temperature == shipped["temperature"] != 1.0
+    assert bundle.manifest["guardrails"]["ood"]["detector"] == shipped["ood_detector"]

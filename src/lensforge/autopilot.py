@@ -46,7 +46,8 @@ def autopilot(data: str | None = None, out: str | Path | None = None, *, model: 
     if out is not None and (out_dir / "summary.json").exists():
         out_dir = fresh_dir(out_dir.parent, out_dir.name)
     if budget is not None:
-        return _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console)
+        return _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console,
+                         guardrails=guardrails, candidates=train_overrides.pop("candidates", None))
     return _single(data or DEFAULT_DATA, out_dir, model=model, epochs=epochs, seed=seed, console=console,
                    show_progress=show_progress, guardrails=guardrails, **train_overrides)
 
@@ -131,7 +132,7 @@ def _summary(data: str, result: Any, test: dict[str, Any], bundle: Path, report:
 
 
 def _budgeted(data: str, out_dir: Path, budget: Any, *, epochs: int | None, seed: int,
-              console: Console) -> AutopilotResult:
+              console: Console, guardrails: bool = True, candidates: Any = None) -> AutopilotResult:
     """Select under a budget, then ship the chosen artifact as ``out/bundle`` with a report."""
     from lensforge.compress.measure import load_test_set
     from lensforge.report import write_report
@@ -140,12 +141,14 @@ def _budgeted(data: str, out_dir: Path, budget: Any, *, epochs: int | None, seed
 
     started = time.perf_counter()
     console.rule(f"[bold]lensforge autopilot[/] under a budget: {budget.model_dump(exclude_none=True)}")
-    result = select(data, budget, out=out_dir, epochs=epochs or 15, seed=seed, console=console)
+    result = select(data, budget, out=out_dir, epochs=epochs or 15, seed=seed, console=console,
+                    **({"candidates": candidates} if candidates else {}))
     chosen, run_dir = result.chosen, result.chosen_run
     test = load_test_set(run_dir).metrics(Path(chosen.bundle))
     staging = staging_dir(out_dir / "bundle")
     shutil.copytree(chosen.bundle, staging, dirs_exist_ok=True)
     replace_dir(staging, out_dir / "bundle")
+    shipped = _shipped_guardrails(out_dir / "bundle", run_dir, seed, console) if guardrails else {}
     for candidate_run in sorted((out_dir / "candidates").iterdir()):
         write_report(candidate_run)
     shutil.copyfile(run_dir / "report.html", out_dir / "report.html")
@@ -153,10 +156,23 @@ def _budgeted(data: str, out_dir: Path, budget: Any, *, epochs: int | None, seed
         "task": "classification", "data": data, "model": chosen.candidate, "variant": chosen.variant,
         "run": str(run_dir), "budget": budget.model_dump(),
         "metrics": {"test": {**test, "evaluated": "bundle"}},
-        "latency_ms_p50": chosen.latency_ms, "size_mb": chosen.size_mb,
+        "latency_ms_p50": chosen.latency_ms, "size_mb": chosen.size_mb, "guardrails": shipped,
         "bundle": str(out_dir / "bundle"), "report": str(out_dir / "report.html"),
         "selection": str(out_dir / "selection.json"),
         "timings_s": {"total": round(time.perf_counter() - started, 2)},
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return AutopilotResult(out_dir, summary)
+
+
+def _shipped_guardrails(bundle: Path, run_dir: Path, seed: int, console: Console) -> dict[str, Any]:
+    """Calibrate the shipped artifact and fit its own guardrails (on its own outputs: int8 differs from fp32)."""
+    from lensforge.stress.calibration import calibrate
+    from lensforge.stress.ood import fit_guardrails
+
+    console.print("calibrating the shipped artifact and fitting its guardrails ...")
+    calibration = calibrate(bundle, seed=seed, run_dir=run_dir)
+    ood = fit_guardrails(bundle, run_dir=run_dir, seed=seed)
+    held_out = calibration.summary.get("test", calibration.summary["val"])
+    return {"temperature": calibration.temperature, "ece_before": held_out["before"]["ece"],
+            "ece_after": held_out["after"]["ece"], "ood_detector": ood["chosen"], "ood_threshold": ood["threshold"]}

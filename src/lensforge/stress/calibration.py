@@ -96,10 +96,12 @@ def calibrate_logits(val_logits: np.ndarray, val_targets: np.ndarray, test_logit
 
 
 def calibrate(target: str | Path, data: str | None = None, *, fit_split: str = "val",
-              eval_split: str = "test", write: bool = True, batch_size: int = 256, seed: int = 0) -> CalibrationResult:
+              eval_split: str = "test", write: bool = True, batch_size: int = 256, seed: int = 0,
+              run_dir: str | Path | None = None) -> CalibrationResult:
     """Fit the temperature of a bundle (or a run's bundle) on its ONNX logits and store it in the bundle.
 
-    ``target`` is a bundle or a run folder (its ``bundle/`` is exported first if missing). The
+    ``target`` is a bundle or a run folder (its ``bundle/`` is exported first if missing);
+    ``run_dir`` names the run of a bundle kept elsewhere (its data and splits are used). The
     bundle's manifest gains ``temperature`` and ``calibration`` (ECE before/after); the summary
     also goes to ``RUN/stress/calibration.json`` when the bundle belongs to a run.
     """
@@ -108,6 +110,11 @@ def calibrate(target: str | Path, data: str | None = None, *, fit_split: str = "
 
     bundle_path = resolve_bundle(target)
     opened = open_target(bundle_path, batch_size)
+    if run_dir is not None:  # a bundle copied out of its run (a shipped variant): use that run's data and splits
+        import json
+
+        opened.run_dir = Path(run_dir)
+        opened.data = json.loads((opened.run_dir / "run.json").read_text()).get("data")
     _, table, val_idx, val_targets = split_of(opened, data, fit_split, seed=seed)
     val_logits = predict_table(opened.predict, table.images[val_idx], batch_size)
     test_logits = test_targets = None
