@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 TRAINING_STACK = {"torch", "torchvision", "timm", "torchmetrics", "onnx", "onnxscript", "torch-pruning", "pytorch-ood",
