@@ -24,64 +24,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from digitnet import PRE, digitnet_bundle
 from fastapi.testclient import TestClient
 from PIL import Image
-from torch import nn
 
 from lensforge.data import open_source
-from lensforge.data.preprocess import Preprocess
-from lensforge.data.splits import make_splits
 from lensforge.data.table import load_table
 from lensforge.deploy.bundle import load_bundle, update_bundle
 from lensforge.deploy.predict import softmax
 from lensforge.errors import ArtifactError, ConfigError, UsageError
 from lensforge.serve import ServeConfig, create_app, make_serve_config
 
-PRE = Preprocess(input_size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))
 TEMPERATURE = 1.7
 GUARD_KEYS = {"ood", "low_confidence", "input_quality", "abstain"}
-
-
-class DigitNet(nn.Module):
-    """One hidden layer with timm's interface: fits 8x8 digits in about a second."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU())
-        self.fc = nn.Linear(48, 10)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @pytest.fixture(scope="module")
 def plain_bundle(tmp_path_factory) -> Path:
     """A DigitNet bundle (8 px grey, 10 classes) with temperature 1.7 and no guardrails."""
-    from lensforge.deploy.export import write_bundle
-
     digits = load_table(open_source("builtin:digits"), PRE)
-    torch.manual_seed(0)
-    train = make_splits(digits, seed=0).train
-    x = (torch.from_numpy(digits.images[train]).float() / 255 - 0.5) / 0.5
-    y = torch.from_numpy(digits.targets[train]).long()
-    model = DigitNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(200):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    path = write_bundle(model.eval(), PRE, digits.class_names, tmp_path_factory.mktemp("serve") / "plain",
-                        model_name="digitnet", sample_images=digits.images[:16])
+    path = digitnet_bundle(digits, tmp_path_factory.mktemp("serve") / "plain")
     update_bundle(path, updates={"temperature": TEMPERATURE})
     return path
 

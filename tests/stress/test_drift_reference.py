@@ -11,15 +11,12 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
+from digitnet import PRE, digitnet_bundle
 
-from lensforge.data.preprocess import Preprocess
 from lensforge.data.sources import open_source
 from lensforge.data.splits import make_splits
 from lensforge.data.table import load_table
 from lensforge.deploy.bundle import load_bundle
-from lensforge.deploy.export import write_bundle
 from lensforge.deploy.guardrails import GUARDRAILS_KEY, load_guardrails
 from lensforge.deploy.predict import softmax
 from lensforge.serve.drift import DriftMonitor, psi
@@ -32,9 +29,6 @@ from lensforge.stress.drift_reference import (
     ks_sample,
 )
 from lensforge.stress.ood import fit_guardrails
-
-PRE = Preprocess(input_size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))
-
 
 # ---------------------------------------------------------------------------- pieces
 
@@ -89,27 +83,6 @@ def test_a_colour_reference_stays_small():
 # ---------------------------------------------------------------------------- written by fit_guardrails
 
 
-class DigitNet(nn.Module):
-    """One hidden layer with timm's interface (as in test_ood.py)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU())
-        self.fc = nn.Linear(48, 10)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_table(open_source("builtin:digits"), PRE)
@@ -117,19 +90,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, digits):
-    torch.manual_seed(0)
-    train = make_splits(digits, seed=0).train
-    x = (torch.from_numpy(digits.images[train]).float() / 255 - 0.5) / 0.5
-    y = torch.from_numpy(digits.targets[train]).long()
-    model = DigitNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(150):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    model.eval()
-    path = tmp_path_factory.mktemp("drift") / "bundle"
-    write_bundle(model, PRE, digits.class_names, path, model_name="digitnet", sample_images=digits.images[:16])
+    path = digitnet_bundle(digits, tmp_path_factory.mktemp("drift") / "bundle", steps=150)
     fit_guardrails(path, "builtin:digits", detector="mahalanobis", ood_sets=["uniform_noise"], n_ood=32)
     return load_bundle(path)
 

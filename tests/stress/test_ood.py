@@ -13,15 +13,13 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
-from torch import nn
+from digitnet import FEATURES, PRE, digitnet_bundle
 
 from lensforge.data.preprocess import Preprocess
 from lensforge.data.sources import open_source
 from lensforge.data.splits import make_splits
 from lensforge.data.table import ImageTable, load_table
 from lensforge.deploy.bundle import MANIFEST_NAME, MODEL_FILE, bundle_file_hashes, load_bundle
-from lensforge.deploy.export import write_bundle
 from lensforge.deploy.guardrails import GUARDRAILS_KEY, OOD_FILE, OOD_SCORERS, load_guardrails
 from lensforge.errors import ArtifactError, DataError, UsageError
 from lensforge.stress.ood import (
@@ -37,30 +35,7 @@ from lensforge.stress.ood import (
     ood_threshold,
 )
 
-PRE = Preprocess(input_size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))
 N_OOD = 64
-FEATURES = 48
-
-
-class DigitNet(nn.Module):
-    """A one-hidden-layer network with timm's interface: fits 8x8 digits in about a second."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, FEATURES), nn.ReLU())
-        self.fc = nn.Linear(FEATURES, 10)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.fc(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +46,7 @@ def digits() -> ImageTable:
 @pytest.fixture(scope="module")
 def digits_bundle(tmp_path_factory, digits):
     """A DigitNet trained on the training split (the split fit_guardrails makes with seed 0)."""
-    torch.manual_seed(0)
-    train = make_splits(digits, seed=0).train
-    x = (torch.from_numpy(digits.images[train]).float() / 255 - 0.5) / 0.5
-    y = torch.from_numpy(digits.targets[train]).long()
-    model = DigitNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(200):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    model.eval()
-    path = tmp_path_factory.mktemp("ood") / "bundle"
-    return write_bundle(model, PRE, digits.class_names, path, model_name="digitnet",
-                        sample_images=digits.images[:16])
+    return digitnet_bundle(digits, tmp_path_factory.mktemp("ood") / "bundle")
 
 
 @pytest.fixture(scope="module")
