@@ -633,12 +633,7 @@ def fit_guardrails(
     from lensforge.stress.selective import fit_abstain
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(resolve_bundle(bundle))
-    check_features_output(bundle)
-    if min(bundle.preprocess.input_size) < MIN_SIDE_PX:
-        raise DataError(f"bundle {bundle.path}: input {bundle.preprocess.input_size} is below {MIN_SIDE_PX} px "
-                        "a side, too small for input-quality checks")
-    if detector != "auto":
-        OOD_DETECTORS.get(detector)
+    _check_guardable(bundle, detector)
     in_dist = open_in_distribution(bundle, data, run_dir=run_dir, seed=seed, batch_size=batch_size)
     evaluation = _evaluate(in_dist, ood_sets, None if detector == "auto" else _with_msp(detector),
                            split="val", n_ood=n_ood, seed=seed, options=options)
@@ -664,6 +659,16 @@ def fit_guardrails(
     if write and run is not None:
         atomic_write_json(run / "stress" / "ood.json", report)
     return report
+
+
+def _check_guardable(bundle: Bundle, detector: str) -> None:
+    """A features output, inputs large enough for quality checks, and a known detector name."""
+    check_features_output(bundle)
+    if min(bundle.preprocess.input_size) < MIN_SIDE_PX:
+        raise DataError(f"bundle {bundle.path}: input {bundle.preprocess.input_size} is below {MIN_SIDE_PX} px "
+                        "a side, too small for input-quality checks")
+    if detector != "auto":
+        OOD_DETECTORS.get(detector)
 
 
 def _with_msp(detector: str) -> list[str]:
