@@ -282,7 +282,7 @@ def autopilot(
     no_guardrails: Annotated[bool, typer.Option("--no-guardrails", help="Skip calibration, OOD/quality guardrails and the quick stress suite.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """The main job: split, pick a model, train, export, evaluate the bundle, report. No arguments needed.
+    """The main job: split, pick a model, train, export, evaluate the bundle, ship its guardrails, stress it, report. No arguments needed.
 
     With a budget (--max-latency-ms / --max-size-mb / --max-drop) it trains several candidates,
     compresses them, measures every artifact on this machine and ships the best one that fits.
