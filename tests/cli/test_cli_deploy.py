@@ -8,16 +8,6 @@ import pytest
 from helpers import run
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    result = run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8", "--epochs", "3",
-                 "--out", str(out), "-q")
-    assert result.returncode == 0, result.stderr
-    assert run("export", str(out)).returncode == 0
-    return out
-
-
 def test_bench_writes_json_beside_the_run(trained):
     result = run("bench", str(trained), "--batch", "1,4", "--backend", "torch,onnxruntime")
     assert result.returncode == 0, result.stderr

@@ -5,22 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from helpers import run
 from PIL import Image
 from typer.testing import CliRunner
 
 from lensforge.cli import app
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli-stress") / "run"
-    result = run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8", "--epochs", "3",
-                 "--out", str(out), "-q")
-    assert result.returncode == 0, result.stderr
-    assert run("export", str(out)).returncode == 0
-    return out
 
 
 def _one_line_error(result, code=2):
