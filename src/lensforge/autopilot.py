@@ -5,11 +5,13 @@ ONNX bundle, evaluate the *bundle* on the test split (the number that ships),
 calibrate it (temperature scaling), fit its guardrails (OOD detector, input-quality
 reference, abstain threshold: they ship inside the bundle), run the quick corruption
 suite on it, write the report, and ``summary.json``. With a budget, candidates are
-trained and compressed first and the chosen artifact is shipped.
+trained and compressed first and the chosen artifact is shipped, with the same
+guardrails and quick suite fitted on its own outputs.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
+from lensforge.errors import ChanceLevelError
+from lensforge.evaluate.metrics import chance_level, chance_message
 from lensforge.utils.io import atomic_write_json, fresh_dir
 
 DEFAULT_DATA = "builtin:digits"
@@ -31,6 +35,31 @@ class AutopilotResult:
     out: Path
     summary: dict[str, Any]
 
+    def summary_lines(self) -> list[str]:
+        """What the CLI prints at the end: the shipped numbers, the guardrails, where the files are."""
+        s, lines = self.summary, []
+        test, guards = s["metrics"]["test"], s.get("guardrails") or {}
+        ece = f"ECE {test['ece']:.3f}"
+        if test.get("ece_uncalibrated") is not None:
+            ece += f" calibrated ({test['ece_uncalibrated']:.3f} before)"
+        lines.append(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test "
+                     f"accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.3f}, {ece} "
+                     f"(measured on the ONNX bundle)")
+        if guards:
+            stress = guards.get("mean_corruption_error")
+            lines.append(f"guardrails shipped in the bundle: temperature {guards['temperature']:.2f}, OOD detector "
+                         f"{guards['ood_detector']}, input-quality checks, abstain threshold"
+                         + (f"; mean corruption error {stress:.1%} (quick suite)" if stress is not None else ""))
+        if s.get("at_chance"):
+            lines.append(f"[bold red]at chance level:[/] {s['diagnosis']}")
+        lines.append(f"report:  {s['report']}\nbundle:  {s['bundle']}\nsummary: {self.out / 'summary.json'}")
+        return lines
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`ChanceLevelError` when the shipped model learned nothing (exit code 4)."""
+        if self.summary.get("at_chance"):
+            raise ChanceLevelError(f"{self.summary['diagnosis']} (report: {self.summary['report']})")
+
 
 def autopilot(data: str | None = None, out: str | Path | None = None, *, model: str = "auto",
               epochs: int | None = None, seed: int = 0, console: Console | None = None,
@@ -39,7 +68,8 @@ def autopilot(data: str | None = None, out: str | Path | None = None, *, model: 
     """Run the whole chain on ``data`` (default ``builtin:digits``) into ``out`` (never overwritten).
 
     With a :class:`lensforge.select.Budget`, candidates are trained, compressed and measured, and
-    the best artifact that fits is shipped (see :func:`lensforge.select.select`).
+    the best artifact that fits is shipped (see :func:`lensforge.select.select`). A model at chance
+    level gets no guardrails; the summary says ``at_chance`` with a diagnosis (the CLI exits with 4).
     """
     console = console or Console(stderr=True)
     out_dir = Path(out) if out is not None else fresh_dir("runs", "autopilot")
@@ -47,7 +77,8 @@ def autopilot(data: str | None = None, out: str | Path | None = None, *, model: 
         out_dir = fresh_dir(out_dir.parent, out_dir.name)
     if budget is not None:
         return _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console,
-                         guardrails=guardrails, candidates=train_overrides.pop("candidates", None))
+                         guardrails=guardrails, show_progress=show_progress,
+                         candidates=train_overrides.pop("candidates", None))
     return _single(data or DEFAULT_DATA, out_dir, model=model, epochs=epochs, seed=seed, console=console,
                    show_progress=show_progress, guardrails=guardrails, **train_overrides)
 
@@ -74,44 +105,69 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
                               sample_images=result.table.images[val[:64]], task=result.table.task)
     timings["export"] = time.perf_counter() - step
 
-    step = time.perf_counter()
-    console.print("evaluating the bundle (ONNX Runtime) on the test split ...")
-    test = evaluate(bundle_dir, split="test", seed=seed).metrics
-    timings["evaluate"] = time.perf_counter() - step
+    # a model at chance level on validation gets no guardrails: nothing in it is worth guarding
+    at_chance = chance_level(result.table.targets[val], len(result.table.class_names),
+                             result.best_val_acc)["at_chance"]
+    shipped = {}
+    if guardrails and not at_chance:
+        shipped = _ship_guardrails(bundle_dir, None, console, timings, seed, show_progress)
 
-    shipped = _guardrails(bundle_dir, console, timings, seed, show_progress) if guardrails else {}
+    step = time.perf_counter()
+    console.print("evaluating the shipped bundle (ONNX Runtime) on the test split ...")
+    test = evaluate(bundle_dir, split="test", seed=seed).metrics  # after calibration: the ECE that ships
+    timings["evaluate"] = time.perf_counter() - step
     step = time.perf_counter()
     report = write_report(out_dir)
     timings["report"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
-    summary = {**_summary(cfg.data, result, test, bundle_dir, report, timings), "guardrails": shipped}
+    summary = {**_summary(cfg.data, result, test, bundle_dir, report, timings), "guardrails": shipped,
+               **_chance_verdict(test, out_dir)}
     atomic_write_json(out_dir / "summary.json", summary)
     return AutopilotResult(out_dir, summary)
 
 
-def _guardrails(bundle_dir: Path, console: Console, timings: dict[str, float], seed: int,
-                show_progress: bool) -> dict[str, Any]:
-    """Calibrate the bundle, fit its OOD/quality/abstain guardrails, and stress it (quick suite)."""
+def _ship_guardrails(bundle_dir: Path, run_dir: Path | None, console: Console, timings: dict[str, float],
+                     seed: int, show_progress: bool) -> dict[str, Any]:
+    """Calibrate the shipped bundle, fit its OOD/quality/abstain guardrails on its own outputs, stress it.
+
+    ``run_dir`` names the run of a bundle kept outside it (a shipped variant: an int8 model's
+    features and confidences are not the fp32 model's, so everything is fitted on the artifact).
+    """
     from lensforge.stress.calibration import calibrate
     from lensforge.stress.ood import fit_guardrails
     from lensforge.stress.suite import StressConfig, stress
 
     step = time.perf_counter()
     console.print("calibrating the bundle (temperature scaling on the validation split) ...")
-    calibration = calibrate(bundle_dir, seed=seed)
+    calibration = calibrate(bundle_dir, seed=seed, run_dir=run_dir)
     console.print("fitting guardrails: OOD detectors, input-quality reference, abstain threshold ...")
-    ood = fit_guardrails(bundle_dir, seed=seed)
+    ood = fit_guardrails(bundle_dir, run_dir=run_dir, seed=seed, show_progress=show_progress)
     timings["guardrails"] = time.perf_counter() - step
     step = time.perf_counter()
     console.print("stress-testing the bundle: quick corruption suite and prediction stability ...")
     suite = stress(bundle_dir, cfg=StressConfig(suite="quick", max_images=1000, seed=seed), compare=[],
-                   show_progress=show_progress).summary
+                   show_progress=show_progress, run_dir=run_dir).summary
     timings["stress"] = time.perf_counter() - step
     held_out = calibration.summary.get("test", calibration.summary["val"])
     return {"temperature": calibration.temperature, "ece_before": held_out["before"]["ece"],
             "ece_after": held_out["after"]["ece"], "ood_detector": ood["chosen"], "ood_threshold": ood["threshold"],
             "mean_corruption_error": suite["mean_corruption_error"],
             "translate_flip_rate": suite.get("stability", {}).get("target", {}).get("translate_flip_rate")}
+
+
+def _chance_verdict(test: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``{"at_chance": bool}``, plus a diagnosis (the message and the run's own fit advice) when true."""
+    if not test.get("at_chance"):
+        return {"at_chance": False}
+    diagnosis = chance_message(test, "the model")
+    try:
+        fit = json.loads((run_dir / "diagnosis.json").read_text()).get("fit") or []
+    except (OSError, ValueError):
+        fit = []
+    advice = [s for item in fit if isinstance(item, dict) for s in item.get("suggestions") or []]
+    if advice:
+        diagnosis += "; " + "; ".join(str(a).rstrip(".") for a in advice[:3])
+    return {"at_chance": True, "diagnosis": diagnosis}
 
 
 def _summary(data: str, result: Any, test: dict[str, Any], bundle: Path, report: Path,
@@ -122,9 +178,7 @@ def _summary(data: str, result: Any, test: dict[str, Any], bundle: Path, report:
         "model": result.resolved.model_name,
         "image_size": result.resolved.image_size,
         "run": str(result.run_dir),
-        "metrics": {"test": {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "ece": test["ece"],
-                             "num_samples": test["num_samples"], "evaluated": test["evaluated"]},
-                    "val": {"accuracy": result.best_val_acc}},
+        "metrics": {"test": _headline(test), "val": {"accuracy": result.best_val_acc}},
         "bundle": str(bundle),
         "report": str(report),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -132,47 +186,45 @@ def _summary(data: str, result: Any, test: dict[str, Any], bundle: Path, report:
 
 
 def _budgeted(data: str, out_dir: Path, budget: Any, *, epochs: int | None, seed: int,
-              console: Console, guardrails: bool = True, candidates: Any = None) -> AutopilotResult:
-    """Select under a budget, then ship the chosen artifact as ``out/bundle`` with a report."""
-    from lensforge.compress.measure import load_test_set
+              console: Console, guardrails: bool = True, show_progress: bool = True,
+              candidates: Any = None) -> AutopilotResult:
+    """Select under a budget, then ship the chosen artifact as ``out/bundle`` with its guardrails and a report."""
+    from lensforge.evaluate import evaluate
     from lensforge.report import write_report
     from lensforge.select import select
     from lensforge.utils.io import replace_dir, staging_dir
 
-    started = time.perf_counter()
+    started, timings = time.perf_counter(), {}
     console.rule(f"[bold]lensforge autopilot[/] under a budget: {budget.model_dump(exclude_none=True)}")
     result = select(data, budget, out=out_dir, epochs=epochs or 15, seed=seed, console=console,
                     **({"candidates": candidates} if candidates else {}))
+    timings["select"] = time.perf_counter() - started
     chosen, run_dir = result.chosen, result.chosen_run
-    test = load_test_set(run_dir).metrics(Path(chosen.bundle))
     staging = staging_dir(out_dir / "bundle")
     shutil.copytree(chosen.bundle, staging, dirs_exist_ok=True)
     replace_dir(staging, out_dir / "bundle")
-    shipped = _shipped_guardrails(out_dir / "bundle", run_dir, seed, console) if guardrails else {}
+    shipped = _ship_guardrails(out_dir / "bundle", run_dir, console, timings, seed, show_progress) if guardrails else {}
+    test = evaluate(out_dir / "bundle", split="test", seed=seed, run_dir=run_dir, write=False).metrics
     for candidate_run in sorted((out_dir / "candidates").iterdir()):
         write_report(candidate_run)
     shutil.copyfile(run_dir / "report.html", out_dir / "report.html")
+    timings["total"] = time.perf_counter() - started
     summary = {
         "task": "classification", "data": data, "model": chosen.candidate, "variant": chosen.variant,
         "run": str(run_dir), "budget": budget.model_dump(),
-        "metrics": {"test": {**test, "evaluated": "bundle"}},
+        "metrics": {"test": _headline(test)},
         "latency_ms_p50": chosen.latency_ms, "size_mb": chosen.size_mb, "guardrails": shipped,
         "bundle": str(out_dir / "bundle"), "report": str(out_dir / "report.html"),
         "selection": str(out_dir / "selection.json"),
-        "timings_s": {"total": round(time.perf_counter() - started, 2)},
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        **_chance_verdict(test, run_dir),
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return AutopilotResult(out_dir, summary)
 
 
-def _shipped_guardrails(bundle: Path, run_dir: Path, seed: int, console: Console) -> dict[str, Any]:
-    """Calibrate the shipped artifact and fit its own guardrails (on its own outputs: int8 differs from fp32)."""
-    from lensforge.stress.calibration import calibrate
-    from lensforge.stress.ood import fit_guardrails
-
-    console.print("calibrating the shipped artifact and fitting its guardrails ...")
-    calibration = calibrate(bundle, seed=seed, run_dir=run_dir)
-    ood = fit_guardrails(bundle, run_dir=run_dir, seed=seed)
-    held_out = calibration.summary.get("test", calibration.summary["val"])
-    return {"temperature": calibration.temperature, "ece_before": held_out["before"]["ece"],
-            "ece_after": held_out["after"]["ece"], "ood_detector": ood["chosen"], "ood_threshold": ood["threshold"]}
+def _headline(test: dict[str, Any]) -> dict[str, Any]:
+    """The test numbers summary.json keeps: those of the shipped artifact (ECE after its temperature)."""
+    keys = ("accuracy", "macro_f1", "ece", "ece_uncalibrated", "temperature", "num_samples", "evaluated",
+            "chance_accuracy", "at_chance")
+    return {k: test[k] for k in keys if k in test}

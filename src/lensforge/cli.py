@@ -20,7 +20,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lensforge.defaults import MAX_DROP_POINTS
 from lensforge.errors import LensforgeError
+from lensforge.serve.config import ServeConfig
+from lensforge.stress import attacks_run as attack_defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
@@ -130,13 +133,18 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     format: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
     atol: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| logit difference allowed.")] = 1e-3,
+    force: Annotated[bool, typer.Option("--force", help="Replace RUN/bundle even when it carries calibration or guardrails (they are lost).")] = False,
 ) -> None:
-    """Export a run to RUN/bundle: model.onnx (logits + features) and manifest.json."""
+    """Export a run to RUN/bundle: model.onnx (uint8 pixels in; logits + features out) and manifest.json.
+
+    A bundle that already carries calibration or guardrails (as autopilot ships it) is never
+    replaced silently: the command refuses unless --force.
+    """
     from lensforge.deploy.from_run import export_run
 
     if format != "onnx":
         raise typer.BadParameter(f"unknown format {format!r} (only onnx for now)", param_hint="--format")
-    bundle = export_run(run, atol=atol)
+    bundle = export_run(run, atol=atol, force=force)
     out.print(f"bundle: {bundle}")
 
 
@@ -200,7 +208,8 @@ def compress(
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune the pruned model against the unpruned one.")] = False,
     teacher: Annotated[str | None, typer.Option(help="Distil from this run or bundle instead.")] = None,
     quantize: Annotated[str | None, typer.Option(help="Comma-separated: int8, fp16 (ONNX Runtime).")] = None,
-    max_drop: Annotated[float, typer.Option(help="Accuracy points a variant may lose vs its parent.")] = 1.0,
+    max_drop: Annotated[float | None, typer.Option(help=f"Accuracy points a variant may lose vs its parent (default {MAX_DROP_POINTS:g}).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Compress even a parent that scores at chance level.")] = False,
     finetune_epochs: Annotated[int, typer.Option(min=1, help="Fine-tuning epochs after pruning.")] = 5,
     calibration_method: Annotated[str, typer.Option(help="INT8 calibration: minmax, entropy or percentile.")] = "minmax",
 ) -> None:
@@ -211,27 +220,43 @@ def compress(
     from lensforge.train.config import make_config_of
 
     kinds = tuple(k.strip() for k in quantize.split(",") if k.strip()) if quantize else ()
-    cfg = make_config_of(CompressConfig, dict(prune=prune, prune_steps=prune_steps, round_to=round_to, distill=distill, teacher=teacher,
-                                              quantize=kinds, max_drop=max_drop, finetune_epochs=finetune_epochs,
-                                              calibration_method=calibration_method))
+    cfg = make_config_of(CompressConfig, given(prune=prune, prune_steps=prune_steps, round_to=round_to, distill=distill,
+                                               teacher=teacher, quantize=kinds, max_drop=max_drop,
+                                               finetune_epochs=finetune_epochs, calibration_method=calibration_method,
+                                               allow_chance_parent=force))
     result = compress_api(run, cfg, console=err)
-    out.print(variants_table(result.variants))
+    table, reasons = variants_table(result.variants)
+    out.print(table)
+    for line in reasons:
+        out.print(line, soft_wrap=False)
     out.print(f"report: {write_report(run)}")
 
 
-def variants_table(variants: list) -> object:
+def given(**values: object) -> dict[str, object]:
+    """The options the user gave (None = not given), so a config model's own defaults apply."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def variants_table(variants: list) -> tuple[object, list[str]]:
+    """The variants as a table that fits 80 columns, and the rejection reasons as lines to print under it."""
     from rich.table import Table
 
     table = Table(title="variants (accuracy through ONNX Runtime, latency side by side at batch 1)")
-    for column in ("variant", "accuracy", "vs parent", "p50 ms", "p99 ms", "size MB", "speed-up", "status"):
-        table.add_column(column)
+    for column in ("variant", "accuracy", "vs parent", "p50 ms", "p99 ms", "MB", "speed-up", "status"):
+        table.add_column(column, no_wrap=True, justify="left" if column in ("variant", "status") else "right")
+    reasons = []
     for v in variants:
         drop = "" if v.drop_points is None else f"{-v.drop_points:+.2f} pt"
         speed = "" if v.speedup is None else f"{v.speedup:.2f}x"
-        status = v.status if v.status == "accepted" else f"[yellow]rejected[/]: {v.reason}"
+        if v.status == "accepted":
+            status = "[green]accepted[/]"
+        else:
+            reasons.append(f"[yellow]{v.name} rejected[/]: {escape(v.reason)}")
+            status = f"[yellow]rejected ({len(reasons)})[/]"
+            reasons[-1] = f"({len(reasons)}) " + reasons[-1]
         table.add_row(v.name, f"{v.metrics['accuracy']:.2%}", drop, f"{v.latency_ms['p50']:.3f}",
                       f"{v.latency_ms['p99']:.3f}", f"{v.size_mb:.2f}", speed, status)
-    return table
+    return table, reasons
 
 
 @app.command()
@@ -239,7 +264,8 @@ def select(
     data: DataOpt = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency of one image on this machine (ms).")] = None,
     max_size_mb: Annotated[float | None, typer.Option(help="Budget: model file size (MB).")] = None,
-    max_drop: Annotated[float, typer.Option(help="Accuracy points a compressed variant may lose vs its parent.")] = 1.0,
+    max_drop: Annotated[float | None, typer.Option(help=f"Accuracy points a compressed variant may lose vs its parent (default {MAX_DROP_POINTS:g}).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Keep candidates that trained to chance level (refused by default).")] = False,
     candidates: Annotated[str | None, typer.Option(help="e.g. 'tinycnn_s@16,tinycnn_m@32' (default: chosen from the data).")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs per candidate.")] = 15,
     prune: Annotated[float | None, typer.Option(help="Also try a pruned variant of each candidate (ratio).")] = None,
@@ -250,9 +276,10 @@ def select(
     from lensforge.select import select as select_api
     from lensforge.train.config import make_config_of
 
-    budget = make_config_of(Budget, dict(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_drop=max_drop))
+    budget = make_config_of(Budget, given(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, max_drop=max_drop))
     result = select_api(data or "builtin:digits", budget, out=out_dir, epochs=epochs, prune=prune,
-                        candidates=parse_candidates(candidates) if candidates else None, console=err)
+                        candidates=parse_candidates(candidates) if candidates else None, console=err,
+                        allow_chance=force)
     chosen = result.chosen
     out.print(f"picked {chosen.candidate}/{chosen.variant}: accuracy {chosen.accuracy:.2%}, "
               f"{chosen.latency_ms:.3g} ms p50, {chosen.size_mb:.2f} MB -> {chosen.bundle}")
@@ -278,7 +305,7 @@ def autopilot(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     max_latency_ms: Annotated[float | None, typer.Option(help="Budget: p50 latency of one image on this machine (ms); turns on candidate selection.")] = None,
     max_size_mb: Annotated[float | None, typer.Option(help="Budget: model file size (MB).")] = None,
-    max_drop: Annotated[float | None, typer.Option(help="Accuracy points a compressed variant may lose vs its parent.")] = None,
+    max_drop: Annotated[float | None, typer.Option(help=f"Accuracy points a compressed variant may lose vs its parent (default {MAX_DROP_POINTS:g}).")] = None,
     no_guardrails: Annotated[bool, typer.Option("--no-guardrails", help="Skip calibration, OOD/quality guardrails and the quick stress suite.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -293,20 +320,13 @@ def autopilot(
 
     budget = None
     if max_latency_ms is not None or max_size_mb is not None or max_drop is not None:
-        budget = make_config_of(Budget, dict(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb,
-                                             max_drop=1.0 if max_drop is None else max_drop))
+        budget = make_config_of(Budget, given(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb,
+                                              max_drop=max_drop))
     result = autopilot_api(data, out_dir, model=model, epochs=epochs, seed=seed, console=err,
                            show_progress=not quiet, budget=budget, guardrails=not no_guardrails)
-    s = result.summary
-    t = s["metrics"]["test"]
-    g = s.get("guardrails") or {}
-    ece = f"ECE {g['ece_after']:.3f} calibrated ({t['ece']:.3f} before)" if g else f"ECE {t['ece']:.3f}"
-    out.print(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test accuracy "
-              f"{t['accuracy']:.2%}, macro-F1 {t['macro_f1']:.3f}, {ece} (measured on the ONNX bundle)")
-    if g:
-        out.print(f"guardrails shipped in the bundle: temperature {g['temperature']:.2f}, OOD detector {g['ood_detector']}, input-quality checks, abstain threshold; "
-                  f"mean corruption error {g['mean_corruption_error']:.1%} (quick suite)")
-    out.print(f"report:  {s['report']}\nbundle:  {s['bundle']}\nsummary: {result.out / 'summary.json'}")
+    for line in result.summary_lines():
+        out.print(line)
+    result.raise_if_failed()
 
 
 class Suite(str, Enum):
@@ -388,12 +408,13 @@ def parse_epsilons(text: str) -> list[float]:
 def attack(
     target: Annotated[Path, typer.Argument(help="Run folder, or a bundle inside one (its PyTorch model is attacked; the bundle gets the transferred images).")],
     data: DataOpt = None,
-    attacks: Annotated[str, typer.Option(help="Comma-separated: fgsm, pgd-linf, pgd-l2, apgd-ce.")] = "fgsm,pgd-linf,apgd-ce",
-    epsilons: Annotated[str, typer.Option(help="L-inf budgets as fractions of the pixel range, e.g. 0,1/255,2/255,4/255,8/255.")] = "0,1/255,2/255,4/255,8/255",
-    steps: Annotated[int, typer.Option(min=1, help="Iterations of PGD / APGD.")] = 10,
-    restarts: Annotated[int, typer.Option(min=1, help="Random restarts (worst case per image is kept).")] = 1,
+    attacks: Annotated[str, typer.Option(help="Comma-separated: fgsm, pgd-linf, pgd-l2, apgd-ce.")] = ",".join(attack_defaults.DEFAULT_ATTACKS),
+    epsilons: Annotated[str, typer.Option(help="L-inf budgets as fractions of the pixel range, e.g. 0,1/255,2/255,4/255,8/255.")] = ",".join(
+        "0" if e == 0 else f"{round(e * 255)}/255" for e in attack_defaults.DEFAULT_EPSILONS),
+    steps: Annotated[int, typer.Option(min=1, help="Iterations of PGD / APGD.")] = attack_defaults.DEFAULT_STEPS,
+    restarts: Annotated[int, typer.Option(min=1, help="Random restarts (worst case per image is kept).")] = attack_defaults.DEFAULT_RESTARTS,
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
-    max_images: Annotated[int, typer.Option(min=1, help="Attack a seeded subset of this many images.")] = 500,
+    max_images: Annotated[int, typer.Option(min=1, help="Attack a seeded subset of this many images.")] = attack_defaults.DEFAULT_MAX_IMAGES,
     seed: Annotated[int, typer.Option(help="Seed of random starts.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
 ) -> None:
@@ -496,21 +517,19 @@ def guard_table(r: dict) -> object:
 @app.command()
 def serve(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (e.g. runs/autopilot/bundle).")],
-    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local (use 0.0.0.0 only behind a proxy/firewall).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the bundle and batches on its own).")] = 1,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps it local (use 0.0.0.0 only behind a proxy/firewall).")] = ServeConfig.model_fields["host"].default,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = ServeConfig.model_fields["port"].default,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the bundle and batches on its own).")] = ServeConfig.model_fields["workers"].default,
     api_key_env: Annotated[str | None, typer.Option(help="Name of an environment variable holding the API key; then every route but /healthz and /readyz needs it.")] = None,
-    max_batch: Annotated[int | None, typer.Option(min=1, help="Largest micro-batch.")] = None,
-    max_wait_ms: Annotated[float | None, typer.Option(min=0, help="Longest a request waits for others to join its batch.")] = None,
-    queue_size: Annotated[int | None, typer.Option(min=1, help="Images waiting at most; beyond it requests get 503 + Retry-After.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest micro-batch.")] = ServeConfig.model_fields["max_batch"].default,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest a request waits for others to join its batch.")] = ServeConfig.model_fields["max_wait_ms"].default,
+    queue_size: Annotated[int, typer.Option(min=1, help="Images waiting at most; beyond it requests get 503 + Retry-After.")] = ServeConfig.model_fields["queue_size"].default,
 ) -> None:
     """Serve the bundle over HTTP: batched ONNX Runtime inference with guardrail flags, drift monitoring and Prometheus metrics."""
     from lensforge.serve import make_serve_config, run_server  # torch-free: the serving path never imports torch
 
-    overrides = {k: v for k, v in dict(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size).items()
-                 if v is not None}
     run_server(bundle, make_serve_config(dict(host=host, port=port, workers=workers, api_key_env=api_key_env,
-                                              **overrides)))
+                                              max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size)))
 
 
 class Kind(str, Enum):
@@ -522,6 +541,7 @@ class Kind(str, Enum):
     ood_detectors = "ood-detectors"
     ood_sets = "ood-sets"
     adaptation_methods = "adaptation-methods"
+    backends = "backends"
 
 
 @app.command("list")
@@ -529,7 +549,10 @@ def list_cmd(
     kind: Annotated[Kind, typer.Argument(help="What to list.")],
     pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'resnet*'.")] = "*",
 ) -> None:
-    """List registered models, data sources, tasks, corruptions, attacks, OOD detectors and sets, adaptation methods."""
+    """List registered models, data sources, tasks, corruptions, attacks, OOD detectors and sets, adaptation methods, backends."""
+    if kind is Kind.backends:
+        out.print(backends_table(pattern))
+        return
     names = _registry_of(kind).list(pattern) if kind not in (Kind.models, Kind.sources) else None
     if kind is Kind.models:
         from lensforge.models import list_models
@@ -540,6 +563,24 @@ def list_cmd(
 
         names = list_sources(pattern)
     out.print("\n".join(names) if names else f"no {kind.value} match {pattern!r}")
+
+
+def backends_table(pattern: str = "*") -> object:
+    """Inference backends of `lensforge bench`: installed or not, with their versions."""
+    import fnmatch
+
+    from rich.table import Table
+
+    from lensforge.deploy.bench import backend_status
+
+    table = Table(title="inference backends (lensforge bench --backend NAME)")
+    for column in ("backend", "available", "version", "runs"):
+        table.add_column(column)
+    for row in backend_status():
+        if fnmatch.fnmatch(row["name"], pattern):
+            table.add_row(row["name"], "[green]yes[/]" if row["available"] else "[red]no[/]", row["version"] or "-",
+                          escape(row["note"]))
+    return table
 
 
 def _registry_of(kind: Kind) -> object:

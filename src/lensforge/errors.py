@@ -35,3 +35,13 @@ class ArtifactError(LensforgeError):
 
 class ExportError(LensforgeError):
     """Export failed, or the exported model does not match the PyTorch model."""
+
+
+class ChanceLevelError(LensforgeError):
+    """A model scores at chance level: it learned nothing usable (exit code 4).
+
+    Raised where such a model would be used as if it worked: autopilot's result, a parent
+    for compression, a candidate for selection (``--force`` overrides the last two).
+    """
+
+    exit_code = 4

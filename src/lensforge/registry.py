@@ -20,8 +20,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Name -> factory mapping for one kind of pluggable component."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, listed: bool = True) -> None:
         self.kind = kind
+        self.listed = listed  # `lensforge list <kind>s` shows it; otherwise errors name the known entries
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -43,7 +44,8 @@ class Registry(Generic[T]):
         candidates = list(self._entries) + list(extra or [])
         close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} (see `lensforge list {self.kind}s`)"
+        where = f"see `lensforge list {self.kind}s`" if self.listed else f"known: {', '.join(sorted(candidates))}"
+        return f"unknown {self.kind} {name!r}{hint} ({where})"
 
     def list(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))

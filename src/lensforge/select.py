@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lensforge.errors import LensforgeError, UsageError
+from lensforge.defaults import MAX_DROP_POINTS
+from lensforge.errors import ChanceLevelError, LensforgeError, UsageError
 from lensforge.utils.io import atomic_write_json, fresh_dir
 
 TINY_CANDIDATES = (("tinycnn_xs", 1.0), ("tinycnn_s", 1.0), ("tinycnn_m", 1.0), ("tinycnn_s", 0.5))
@@ -39,7 +40,7 @@ class Budget(BaseModel):
 
     max_latency_ms: float | None = Field(None, gt=0)  # p50 latency of one image, ONNX Runtime
     max_size_mb: float | None = Field(None, gt=0)  # model.onnx on disk
-    max_drop: float = Field(1.0, ge=0, le=100)  # points a compressed variant may lose vs its parent
+    max_drop: float = Field(MAX_DROP_POINTS, ge=0, le=100)  # points a compressed variant may lose vs its parent
 
 
 @dataclass
@@ -120,28 +121,44 @@ def _train_candidate(candidate: Candidate, data: str, out: Path, epochs: int, se
 
 
 def _options(run_dirs: list[Path], budget: Budget, quantize: bool, prune: float | None, threads: int | None,
-             console: Any) -> list[Option]:
-    """Compress each candidate, then time every artifact of every candidate side by side."""
+             console: Any, allow_chance: bool = False, refused: dict[str, str] | None = None) -> list[Option]:
+    """Compress each candidate, then time every artifact of every candidate side by side.
+
+    A candidate that trained to chance level is refused (named in ``refused`` with the reason)
+    unless ``allow_chance``; when every candidate is refused, :class:`ChanceLevelError` is raised.
+    """
     from lensforge.compress.measure import interleaved_latency
     from lensforge.compress.variants import CompressConfig, compress
 
-    results = []
+    results, refused = [], refused if refused is not None else {}
     for run_dir in run_dirs:
         cfg = CompressConfig(quantize=("int8",) if quantize else (), prune=prune, max_drop=budget.max_drop,
-                             threads=threads, finetune_epochs=3)
-        results.extend((run_dir.name, v) for v in (compress(run_dir, cfg, console=console).variants
-                                                   if quantize or prune else [_baseline_only(run_dir)]))
+                             threads=threads, finetune_epochs=3, allow_chance_parent=allow_chance)
+        try:
+            variants = compress(run_dir, cfg, console=console).variants if quantize or prune else [
+                _baseline_only(run_dir, allow_chance)]
+        except ChanceLevelError as e:
+            refused[run_dir.name] = str(e)
+            console.print(f"[yellow]candidate {run_dir.name} refused:[/] {e}")
+            continue
+        results.extend((run_dir.name, v) for v in variants)
+    if not results:
+        raise ChanceLevelError(f"every candidate trained to chance level ({'; '.join(refused.values())}); "
+                               "train longer or check the labels (--force keeps them anyway)")
     console.print(f"timing all {len(results)} artifacts side by side ...")
     latencies = interleaved_latency([Path(v.bundle) for _, v in results], threads=threads)
     return [Option(name, v.name, v.bundle, v.metrics["accuracy"], lat["p50"], v.size_mb, v.status, v.reason)
             for (name, v), lat in zip(results, latencies)]
 
 
-def _baseline_only(run_dir: Path) -> Any:
+def _baseline_only(run_dir: Path, allow_chance: bool = False) -> Any:
     from lensforge.compress.measure import load_test_set
-    from lensforge.compress.variants import _baseline
+    from lensforge.compress.variants import _baseline, refuse_chance_parent
 
-    return _baseline(run_dir, load_test_set(run_dir))
+    baseline = _baseline(run_dir, load_test_set(run_dir))
+    if not allow_chance:
+        refuse_chance_parent(run_dir, baseline.metrics)
+    return baseline
 
 
 def _mark(options: list[Option], budget: Budget) -> Option | None:
@@ -198,16 +215,21 @@ class SelectResult:
     chosen: Option | None
     options: list[Option]
     chosen_run: Path | None
+    refused: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not considered
 
     def to_json(self, budget: Budget) -> dict[str, Any]:
         return {"budget": budget.model_dump(), "chosen": asdict(self.chosen) if self.chosen else None,
-                "options": [asdict(o) for o in self.options]}
+                "options": [asdict(o) for o in self.options], "refused": self.refused}
 
 
 def select(data: str, budget: Budget, *, out: str | Path | None = None, candidates: list[Candidate] | None = None,
            epochs: int = 15, seed: int = 0, quantize: bool = True, prune: float | None = None,
-           threads: int | None = None, console: Any = None) -> SelectResult:
-    """Train candidates, compress and measure them, and pick the best artifact within ``budget``."""
+           threads: int | None = None, console: Any = None, allow_chance: bool = False) -> SelectResult:
+    """Train candidates, compress and measure them, and pick the best artifact within ``budget``.
+
+    Candidates that trained to chance level are left out (``refused`` in ``selection.json``)
+    unless ``allow_chance``.
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -219,10 +241,11 @@ def select(data: str, budget: Budget, *, out: str | Path | None = None, candidat
     for candidate in candidates:
         splits = run_dirs[0] / "splits.json" if run_dirs else None  # one test split for all candidates
         run_dirs.append(_train_candidate(candidate, data, out_dir, epochs, seed, splits, console))
-    options = _options(run_dirs, budget, quantize, prune, threads, console)
+    refused: dict[str, str] = {}
+    options = _options(run_dirs, budget, quantize, prune, threads, console, allow_chance, refused)
     chosen = _mark(options, budget)
     chosen_run = out_dir / "candidates" / chosen.candidate if chosen else None
-    result = SelectResult(out_dir, chosen, options, chosen_run)
+    result = SelectResult(out_dir, chosen, options, chosen_run, refused)
     atomic_write_json(out_dir / "selection.json", result.to_json(budget))
     for run_dir in run_dirs:  # each candidate's report shows the whole comparison
         shutil.copyfile(out_dir / "selection.json", run_dir / "selection.json")

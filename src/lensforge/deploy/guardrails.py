@@ -46,7 +46,7 @@ class OODScorer:
     score: Callable[[Mapping[str, np.ndarray], np.ndarray, np.ndarray], np.ndarray]
 
 
-OOD_SCORERS: Registry[OODScorer] = Registry("ood scorer")
+OOD_SCORERS: Registry[OODScorer] = Registry("ood scorer", listed=False)
 
 
 def logsumexp(x: np.ndarray) -> np.ndarray:

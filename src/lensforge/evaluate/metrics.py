@@ -17,6 +17,9 @@ from torchmetrics.classification import (
 
 ECE_BINS = 15  # the usual choice in the calibration literature (Guo et al. 2017)
 WORST_CLASSES = 5
+# A model "learned something" when its accuracy beats always answering the most frequent class
+# by more than this many binomial standard errors (one-sided 99%); below it, it is at chance level.
+CHANCE_Z = 2.33
 
 
 def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list[float]]:
@@ -48,9 +51,10 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, class_names:
     present = [c for c in per_class if c["support"] > 0]
     worst = sorted(present, key=lambda c: (c["recall"], c["f1"]))[:WORST_CLASSES]
     confidence, predicted = probs.max(1)
+    accuracy = float(MulticlassAccuracy(k, average="micro")(probs, y))
     return {
         "num_samples": len(targets),
-        "accuracy": float(MulticlassAccuracy(k, average="micro")(probs, y)),
+        "accuracy": accuracy,
         "macro_f1": float(np.mean([c["f1"] for c in present])) if present else 0.0,
         "ece": float(MulticlassCalibrationError(k, n_bins=ECE_BINS, norm="l1")(probs, y)),
         "nll": float(torch.nn.functional.cross_entropy(torch.from_numpy(logits.astype(np.float32)), y)),
@@ -58,7 +62,28 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, class_names:
         "confusion": MulticlassConfusionMatrix(k)(probs, y).numpy().astype(int).tolist(),
         "worst_classes": [{"name": c["name"], "recall": c["recall"], "f1": c["f1"]} for c in worst],
         "reliability": reliability_bins(confidence.numpy(), (predicted == y).numpy().astype(float)),
+        **chance_level(targets, k, accuracy),
     }
+
+
+def chance_level(targets: np.ndarray, num_classes: int, accuracy: float) -> dict[str, Any]:
+    """``{"chance_accuracy", "at_chance"}``: the majority-class rate and whether ``accuracy`` fails to beat it.
+
+    The majority rate is what a model that ignores its input scores (1/K on balanced data);
+    ``at_chance`` is true when ``accuracy`` is within ``CHANCE_Z`` binomial standard errors of it.
+    """
+    n = len(targets)
+    if n == 0:
+        return {"chance_accuracy": None, "at_chance": False}
+    majority = float(np.bincount(targets, minlength=num_classes).max() / n)
+    margin = CHANCE_Z * float(np.sqrt(majority * (1 - majority) / n))
+    return {"chance_accuracy": majority, "at_chance": bool(accuracy <= majority + margin)}
+
+
+def chance_message(metrics: dict[str, Any], what: str) -> str:
+    """One line saying ``what`` scored at chance level, with the numbers."""
+    return (f"{what} scores {metrics['accuracy']:.1%} on {metrics.get('num_samples', '?')} images, no better than "
+            f"always answering the most frequent class ({metrics['chance_accuracy']:.1%}): it learned nothing usable")
 
 
 def confident_mistakes(logits: np.ndarray, targets: np.ndarray, limit: int = 16) -> list[tuple[int, int, float]]:

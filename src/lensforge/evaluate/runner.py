@@ -45,22 +45,28 @@ class Target:
     preprocess: Preprocess
     run_dir: Path | None
     data: str | None
+    temperature: float = 1.0  # a calibrated bundle divides its logits by this before softmax
 
 
-def open_target(path: Path, batch_size: int = 256) -> Target:
-    """A run (PyTorch) or a bundle (ONNX Runtime), as something that predicts logits from uint8 images."""
+def open_target(path: Path, batch_size: int = 256, run_dir: str | Path | None = None) -> Target:
+    """A run (PyTorch) or a bundle (ONNX Runtime), as something that predicts raw logits from uint8 images.
+
+    ``run_dir`` names the run of a bundle kept outside it (a shipped variant): its data and splits are used.
+    """
     from lensforge.deploy.bundle import is_bundle, load_bundle
 
     if is_bundle(path):
         bundle = load_bundle(path)
-        run_dir = path.parent if (path.parent / "run.json").exists() else None
+        if run_dir is None:
+            run_dir = path.parent if (path.parent / "run.json").exists() else None
+        run_dir = Path(run_dir) if run_dir is not None else None
         data = None
         if run_dir is not None:
             import json
 
             data = json.loads((run_dir / "run.json").read_text()).get("data")
         return Target("bundle", lambda x: bundle.predict_uint8(x)[0], list(bundle.class_names),
-                      bundle.preprocess, run_dir, data)
+                      bundle.preprocess, run_dir, data, bundle.temperature)
     from lensforge.train.run import load_run
 
     run = load_run(path)
@@ -129,24 +135,44 @@ def predict_table(predict: Predictor, images: np.ndarray, batch_size: int = 256)
 
 
 def evaluate(target_path: str | Path, data: str | None = None, *, split: str = "test", batch_size: int = 256,
-             on_bad_image: str = "fail", seed: int = 0, write: bool = True, mistakes: int = 16) -> EvalResult:
-    """Evaluate a run folder or bundle on ``split`` of ``data`` (default: the run's own data)."""
+             on_bad_image: str = "fail", seed: int = 0, write: bool = True, mistakes: int = 16,
+             run_dir: str | Path | None = None) -> EvalResult:
+    """Evaluate a run folder or bundle on ``split`` of ``data`` (default: the run's own data).
+
+    A calibrated bundle is scored on the probabilities it ships (its temperature applied), with
+    ``ece_uncalibrated`` beside ``ece``; ``at_chance`` says whether it beats the majority class.
+    ``run_dir`` names the run of a bundle kept outside it (its data and splits are used).
+    """
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
     path = Path(target_path)
     if not path.exists():
         raise UsageError(f"'{path}' does not exist (expected a run folder or a bundle)")
-    target = open_target(path, batch_size)
+    target = open_target(path, batch_size, run_dir=run_dir)
     data_spec, table, indices, targets = split_of(target, data, split, on_bad_image=on_bad_image, seed=seed)
     logits = predict_table(target.predict, table.images[indices], batch_size)
     metrics = {"split": split, "evaluated": target.kind, "data": data_spec,
-               **classification_metrics(logits, targets, target.class_names)}
+               **shipped_metrics(logits, targets, target.class_names, target.temperature)}
     out = None
     if write and target.run_dir is not None:
         metrics["mistakes"] = _write_mistakes(target.run_dir, split, table, indices, logits, targets,
                                               target.class_names, mistakes)
         out = atomic_write_json(target.run_dir / "eval" / f"{split}.json", metrics)
     return EvalResult(metrics, out)
+
+
+def shipped_metrics(logits: np.ndarray, targets: np.ndarray, class_names: list[str],
+                    temperature: float = 1.0) -> dict[str, Any]:
+    """Metrics of the probabilities that ship: softmax(logits / temperature) for a calibrated bundle.
+
+    Accuracy does not depend on the temperature; ECE and NLL do, so a calibrated bundle also
+    reports ``ece_uncalibrated`` (temperature 1) beside its shipped ``ece``.
+    """
+    metrics = classification_metrics(logits / temperature, targets, class_names)
+    metrics["temperature"] = temperature
+    if temperature != 1.0:
+        metrics["ece_uncalibrated"] = classification_metrics(logits, targets, class_names)["ece"]
+    return metrics
 
 
 def _write_mistakes(run_dir: Path, split: str, table: ImageTable, indices: np.ndarray, logits: np.ndarray,

@@ -22,6 +22,7 @@ from lensforge.report.blocks import (
 from lensforge.report.formatting import as_float, fmt_int, fmt_percent, fmt_text
 from lensforge.report.registry import register_section
 from lensforge.report.runfiles import RunFiles
+from lensforge.report.sections import ece_note
 
 MAX_MISTAKES = 24  # thumbnails shown per split, most confident first
 MAX_CONFUSED_PAIRS = 10
@@ -49,7 +50,7 @@ def _split_blocks(run: RunFiles, scores: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [Stats([
         Stat("Accuracy", fmt_percent(scores.get("accuracy"))),
         Stat("Macro-F1", fmt_percent(scores.get("macro_f1"))),
-        Stat("ECE", fmt_percent(scores.get("ece")), note="expected calibration error"),
+        Stat("ECE", fmt_percent(scores.get("ece")), note=ece_note(scores)),
         Stat("Images", fmt_int(scores.get("num_samples"))),
     ])]
     names = _class_names(run, scores)

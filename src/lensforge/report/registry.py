@@ -28,7 +28,7 @@ class SectionSpec:
     build: SectionBuilder
 
 
-SECTIONS: Registry[SectionSpec] = Registry("report section")
+SECTIONS: Registry[SectionSpec] = Registry("report section", listed=False)
 
 
 def register_section(name: str, order: float) -> Callable[[SectionBuilder], SectionBuilder]:

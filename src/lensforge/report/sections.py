@@ -55,7 +55,7 @@ def summary_section(run: RunFiles) -> Section | None:
         Stat(f"{label} accuracy", fmt_percent(scores.get("accuracy")),
              note=f"{fmt_int(scores.get('num_samples'))} images" if scores else ""),
         Stat(f"{label} macro-F1", fmt_percent(scores.get("macro_f1"))),
-        Stat(f"{label} ECE", fmt_percent(scores.get("ece")), note="calibration error"),
+        Stat(f"{label} ECE", fmt_percent(scores.get("ece")), note=ece_note(scores)),
         Stat("Parameters", fmt_count(info.get("params"))),
         Stat("Training time", fmt_seconds(timings.get("train")),
              note=f"best epoch {fmt_int(info.get('best_epoch'))}"
@@ -63,11 +63,33 @@ def summary_section(run: RunFiles) -> Section | None:
         Stat("Bundle", "bundle/" if manifest else MISSING,
              note=fmt_bytes(bundle_size) if manifest else "not exported"),
     ])
-    blocks: list[Block] = [stats, *_diagnosis_callouts(run)]
+    blocks: list[Block] = [*_chance_banner(split, scores), stats, *_diagnosis_callouts(run)]
     if timings:
         parts = [f"{stage} {fmt_seconds(seconds)}" for stage, seconds in timings.items()]
         blocks.append(Text("Time spent: " + " · ".join(parts) + ".", muted=True))
     return Section("Summary", blocks)
+
+
+def ece_note(scores: dict[str, Any]) -> str:
+    """Under an ECE figure: whether it is the shipped (calibrated) one, with the uncalibrated value beside it."""
+    before = scores.get("ece_uncalibrated")
+    if before is None:
+        return "calibration error"
+    return f"as shipped, temperature {fmt_number(scores.get('temperature'))} ({fmt_percent(before)} before)"
+
+
+def _chance_banner(split: str, scores: dict[str, Any]) -> list[Block]:
+    """A red banner when the model scores at chance level on this split: nothing else in the report matters."""
+    if not scores.get("at_chance"):
+        return []
+    return [Callout(
+        f"{split.capitalize()} accuracy {fmt_percent(scores.get('accuracy'))} is no better than always answering "
+        f"the most frequent class ({fmt_percent(scores.get('chance_accuracy'))}): this model learned nothing usable. "
+        "Compression and selection refuse it as a parent, and autopilot exits with code 4.",
+        title="At chance level", tone="bad",
+        suggestions=["Train longer (more epochs) or with a higher learning rate; see the fit diagnosis below.",
+                     "Check that the labels match the images (a shuffled label column trains to chance).",
+                     "Try a smaller model first: large models from scratch need many more steps."])]
 
 
 def _diagnosis_callouts(run: RunFiles) -> list[Block]:

@@ -18,6 +18,10 @@ from lensforge.errors import UsageError
 from lensforge.utils.io import atomic_write_json
 
 DEFAULT_MAX_IMAGES = 500  # attacks cost ~steps x restarts forward-backward passes per image and epsilon
+DEFAULT_ATTACKS = ("fgsm", "pgd-linf", "apgd-ce")  # one single-step, one iterative, one parameter-free (Croce & Hein)
+DEFAULT_EPSILONS = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)  # L-inf, share of the pixel range; 8/255 is the CIFAR norm
+DEFAULT_STEPS = 10  # PGD / APGD iterations
+DEFAULT_RESTARTS = 1
 
 
 def _run_of(path: Path) -> tuple[Path, Path | None]:
@@ -59,9 +63,9 @@ def _transfer(run: Any, bundle_path: Path, images: np.ndarray, targets: np.ndarr
 
 
 def adversarial(target: str | Path, data: str | None = None, *, split: str = "test",
-                attacks: Sequence[str] = ("fgsm", "pgd-linf", "apgd-ce"),
-                epsilons: Sequence[float] = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255),
-                steps: int = 10, restarts: int = 1, max_images: int | None = DEFAULT_MAX_IMAGES, seed: int = 0,
+                attacks: Sequence[str] = DEFAULT_ATTACKS, epsilons: Sequence[float] = DEFAULT_EPSILONS,
+                steps: int = DEFAULT_STEPS, restarts: int = DEFAULT_RESTARTS,
+                max_images: int | None = DEFAULT_MAX_IMAGES, seed: int = 0,
                 json_out: str | Path | None = None, write: bool = True) -> dict[str, Any]:
     """Robust accuracy against epsilon per attack, masking warnings, and the bundle's transfer accuracy."""
     from lensforge.evaluate.runner import open_target, split_of

@@ -52,6 +52,7 @@ from lensforge.deploy.guardrails import GUARDRAILS_KEY, MIN_SIDE_PX, OOD_FILE, p
 from lensforge.errors import ArtifactError, DataError, UsageError
 from lensforge.registry import Registry
 from lensforge.utils.io import atomic_write_json
+from lensforge.utils.progress import StepProgress
 
 TPR = 0.95  # share of in-distribution images the OOD threshold keeps
 HEAD_RESIDUAL_MAX = 1e-2  # relative error of the least-squares head above which ViM is unavailable
@@ -559,25 +560,29 @@ def evaluate_ood(
 
 
 def _evaluate(in_dist: InDistribution, ood_sets: Sequence[str], detectors: Sequence[str] | None, *, split: str,
-              n_ood: int, seed: int, options: DetectorOptions | None) -> OODEvaluation:
+              n_ood: int, seed: int, options: DetectorOptions | None,
+              advance: Callable[[str], None] = lambda what: None) -> OODEvaluation:
     if split not in ("val", "test"):
         raise UsageError(f"OOD evaluation split must be val or test (train fits the detectors), not {split!r}")
     if n_ood < 10:
         raise UsageError(f"n_ood must be at least 10 images per OOD set, not {n_ood}")
     for name in ood_sets:
         OOD_SETS.get(name)  # unknown names fail before any work
-    fitted, unavailable = _fit_all(in_dist, detectors, seed, options)
+    fitted, unavailable = _fit_all(in_dist, detectors, seed, options, advance)
     held_out = in_dist.outputs(split)
     context = OODContext(in_dist.bundle.preprocess, in_dist.bundle.class_names, in_dist.images(split), n_ood, seed)
-    sets = {name: bundle_outputs(in_dist.bundle, build_ood_set(name, context), batch_size=in_dist.batch_size)
-            for name in ood_sets}
+    sets = {}
+    for name in ood_sets:
+        sets[name] = bundle_outputs(in_dist.bundle, build_ood_set(name, context), batch_size=in_dist.batch_size)
+        advance(f"OOD set {name}")
     in_scores = {name: d.score(held_out.logits, held_out.features) for name, d in fitted.items()}
     ood_scores = {name: {s: d.score(out.logits, out.features) for s, out in sets.items()} for name, d in fitted.items()}
     return OODEvaluation(split, fitted, unavailable, in_scores, ood_scores)
 
 
 def _fit_all(in_dist: InDistribution, detectors: Sequence[str] | None, seed: int,
-             options: DetectorOptions | None) -> tuple[dict[str, FittedDetector], dict[str, str]]:
+             options: DetectorOptions | None,
+             advance: Callable[[str], None] = lambda what: None) -> tuple[dict[str, FittedDetector], dict[str, str]]:
     names = list(detectors) if detectors is not None else list(OOD_DETECTORS)
     train = in_dist.outputs("train")
     fitted, unavailable = {}, {}
@@ -589,6 +594,7 @@ def _fit_all(in_dist: InDistribution, detectors: Sequence[str] | None, seed: int
             if detectors is not None:
                 raise
             unavailable[name] = str(e)
+        advance(f"detector {name}")
     if not fitted:
         raise UsageError(f"no OOD detector could be fitted on bundle {in_dist.bundle.path}: {unavailable}")
     return fitted, unavailable
@@ -610,6 +616,7 @@ def fit_guardrails(
     options: DetectorOptions | None = None,
     batch_size: int = 256,
     write: bool = True,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """Fit OOD detection, input-quality checks and abstention, and write them into the bundle.
 
@@ -634,22 +641,28 @@ def fit_guardrails(
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(resolve_bundle(bundle))
     _check_guardable(bundle, detector)
-    in_dist = open_in_distribution(bundle, data, run_dir=run_dir, seed=seed, batch_size=batch_size)
-    evaluation = _evaluate(in_dist, ood_sets, None if detector == "auto" else _with_msp(detector),
-                           split="val", n_ood=n_ood, seed=seed, options=options)
-    chosen = evaluation.best() if detector == "auto" else detector
-    val = in_dist.outputs("val")
-    abstain, selective = fit_abstain(val.logits, val.targets, temperature=bundle.temperature,
-                                     target_risk=target_risk)
-    quality = fit_quality(in_dist.images("train"), bundle.preprocess.input_size,
-                          native_sides=_native_sides(in_dist), check_images=in_dist.images("val"))
-    ood_entry = _ood_entry(evaluation, chosen, in_dist, seed)
-    drift = fit_drift_reference(in_dist.images("val"), val.logits, temperature=bundle.temperature,
-                                ood_flags=evaluation.in_scores[chosen] > ood_entry["threshold"],
-                                fitted_on={"data": in_dist.spec})
-    spec = {"version": 1, "ood": ood_entry, "quality": quality, "abstain": abstain}
-    update_bundle(bundle, files={OOD_FILE: params_to_npz(evaluation.detectors[chosen].params)},
-                  updates={GUARDRAILS_KEY: {**spec, "drift": drift} if drift else spec})
+    detectors = None if detector == "auto" else _with_msp(detector)
+    steps = len(detectors if detectors is not None else list(OOD_DETECTORS)) + len(ood_sets) + 3
+    with StepProgress("guardrails", steps, enabled=show_progress) as advance:
+        in_dist = open_in_distribution(bundle, data, run_dir=run_dir, seed=seed, batch_size=batch_size)
+        evaluation = _evaluate(in_dist, ood_sets, detectors, split="val", n_ood=n_ood, seed=seed, options=options,
+                               advance=advance)
+        chosen = evaluation.best() if detector == "auto" else detector
+        val = in_dist.outputs("val")
+        abstain, selective = fit_abstain(val.logits, val.targets, temperature=bundle.temperature,
+                                         target_risk=target_risk)
+        advance("abstain threshold")
+        quality = fit_quality(in_dist.images("train"), bundle.preprocess.input_size,
+                              native_sides=_native_sides(in_dist), check_images=in_dist.images("val"))
+        advance("input-quality reference")
+        ood_entry = _ood_entry(evaluation, chosen, in_dist, seed)
+        drift = fit_drift_reference(in_dist.images("val"), val.logits, temperature=bundle.temperature,
+                                    ood_flags=evaluation.in_scores[chosen] > ood_entry["threshold"],
+                                    fitted_on={"data": in_dist.spec})
+        spec = {"version": 1, "ood": ood_entry, "quality": quality, "abstain": abstain}
+        update_bundle(bundle, files={OOD_FILE: params_to_npz(evaluation.detectors[chosen].params)},
+                      updates={GUARDRAILS_KEY: {**spec, "drift": drift} if drift else spec})
+        advance("written into the bundle")
     report = {"bundle": str(bundle.path), "data": in_dist.spec, **evaluation.report(), "chosen": chosen,
               "threshold": ood_entry["threshold"], "gain_over_msp_auroc_points": _gain_over_msp(evaluation, chosen),
               "in_distribution": {s: int(len(in_dist.indices(s))) for s in ("train", "val")},

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lensforge.errors import UsageError
 from lensforge.evaluate.runner import Target, open_target, predict_table, split_of
 from lensforge.utils.io import atomic_write_json
+from lensforge.utils.progress import StepProgress
 
 SHIFTS_PX = ((1, 0), (-1, 0), (0, 1), (0, -1), (2, 0), (0, 2), (-2, 0), (0, -2))
 JITTERS = 4  # photometric jitter draws per image: +-6% brightness/contrast, noise std 2/255
@@ -217,12 +218,14 @@ def _run_plan(models: list[_Model], images: np.ndarray, plan: list[tuple[str, in
 
 def stress(target: str | Path, data: str | None = None, *, cfg: StressConfig | None = None,
            reference: str | Path | None = None, compare: list[str | Path] | None = None,
-           json_out: str | Path | None = None, write: bool = True, show_progress: bool = True) -> StressResult:
+           json_out: str | Path | None = None, write: bool = True, show_progress: bool = True,
+           run_dir: str | Path | None = None) -> StressResult:
     """Run the corruption suite (and stability) on a bundle or run; compare to a reference and int8 variants.
 
     ``compare`` defaults to the int8 variants of the target's run (``RUN/variants/*/bundle``);
     pass ``[]`` for none. The summary goes to ``RUN/stress/corruptions.json`` when the target
-    belongs to a run, and to ``json_out`` when given.
+    belongs to a run, and to ``json_out`` when given. ``run_dir`` names the run of a bundle
+    kept outside it (a shipped variant): its data and test split are used.
     """
     from lensforge.stress.corruptions import suite_plan
 
@@ -231,7 +234,7 @@ def stress(target: str | Path, data: str | None = None, *, cfg: StressConfig | N
     path = Path(target)
     if not path.exists():
         raise UsageError(f"'{path}' does not exist (expected a run folder or a bundle)")
-    main = open_target(path, cfg.batch_size)
+    main = open_target(path, cfg.batch_size, run_dir=run_dir)
     data_spec, table, indices, targets = split_of(main, data, cfg.split, seed=cfg.seed)
     if cfg.max_images and len(indices) > cfg.max_images:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(indices))[:cfg.max_images])
@@ -241,7 +244,7 @@ def stress(target: str | Path, data: str | None = None, *, cfg: StressConfig | N
     others = {"reference": [Path(reference)] if reference else [], "compare": compare_paths}
     models = _open_models(main, path, others, targets, cfg.batch_size)
     _predict_all(models, "clean", images, cfg.batch_size)
-    with _progress(len(plan), show_progress) as advance:
+    with StepProgress("stress", len(plan), enabled=show_progress) as advance:
         _run_plan(models, images, plan, cfg, advance)
     summary = _summary(models, plan, cfg, path, data_spec, len(images))
     if cfg.stability:
@@ -275,23 +278,3 @@ def _write(summary: dict[str, Any], main: Target, json_out: str | Path | None, w
     if json_out is not None:
         out = atomic_write_json(json_out, summary)
     return out
-
-
-class _progress:
-    """A rich bar over the suite's (corruption, severity) pairs; a no-op when disabled."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("stress {task.fields[what]:<24}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=Console(stderr=True), transient=True,
-                                 disable=not enabled)
-        self.task = self.progress.add_task("stress", total=total, what="")
-
-    def __enter__(self) -> Callable[[str], None]:
-        self.progress.__enter__()
-        return lambda what: self.progress.update(self.task, advance=1, what=what)
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)

@@ -33,7 +33,7 @@ CORRUPTED_FRACTION = 0.5  # share of each batch corrupted by the "corruptions" l
 CORRUPTION_MAX_SEVERITY = 3  # of 5: the strongest levels destroy small images' labels
 
 PixelOp = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-PIXEL_OPS: Registry[PixelOp] = Registry("augmentation")
+PIXEL_OPS: Registry[PixelOp] = Registry("augmentation", listed=False)
 
 
 @dataclass(frozen=True)
