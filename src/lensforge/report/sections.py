@@ -75,7 +75,7 @@ def ece_note(scores: dict[str, Any]) -> str:
     before = scores.get("ece_uncalibrated")
     if before is None:
         return "calibration error"
-    return f"as shipped, temperature {fmt_number(scores.get('temperature'))} ({fmt_percent(before)} before)"
+    return f"as shipped ({fmt_percent(before)} uncalibrated)"
 
 
 def _chance_banner(split: str, scores: dict[str, Any]) -> list[Block]:

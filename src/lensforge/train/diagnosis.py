@@ -165,10 +165,13 @@ def _big_swing_reversals(values: list[float], swing: float) -> tuple[int, float]
 def _underfitting(curves: dict[str, Series], epochs: int, num_classes: int) -> FitDiagnosis | None:
     chance = 1.0 / num_classes
     train_acc = [v for _, v in curves["train_acc"]]
-    if train_acc and epochs >= 2:
+    val_acc = [v for _, v in curves["val_acc"]]
+    # one epoch says little about trends, but a model at chance on both splits is not "healthy"
+    val_at_chance = bool(val_acc) and (val_acc[-1] - chance) / (1 - chance) < CHANCE_MARGIN
+    if train_acc and (epochs >= 2 or val_at_chance):
         last = train_acc[-1]
         if (last - chance) / (1 - chance) < CHANCE_MARGIN:
-            message = (f"train acc {last:.1%} after {epochs} epochs is barely above chance "
+            message = (f"train acc {last:.1%} after {epochs} epoch(s) is barely above chance "
                        f"({chance:.1%} for {num_classes} classes): the model is not learning")
             return FitDiagnosis("underfitting", message, _underfit_advice(epochs, chance=True))
         if last < UNDERFIT_TRAIN_ACC and _plateaued(train_acc):
