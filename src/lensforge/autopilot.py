@@ -45,7 +45,9 @@ class AutopilotResult:
         lines.append(f"[bold green]done[/] in {s['timings_s']['total']:.0f}s: {s['model']} on {s['data']}: test "
                      f"accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.3f}, {ece} "
                      f"(measured on the ONNX bundle)")
-        if guards:
+        if guards.get("skipped"):
+            lines.append(f"[yellow]no guardrails shipped:[/] {guards['skipped']}")
+        elif guards:
             stress = guards.get("mean_corruption_error")
             lines.append(f"guardrails shipped in the bundle: temperature {guards['temperature']:.2f}, OOD detector "
                          f"{guards['ood_detector']}, input-quality checks, abstain threshold"
@@ -108,9 +110,11 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
     # a model at chance level on validation gets no guardrails: nothing in it is worth guarding
     at_chance = chance_level(result.table.targets[val], len(result.table.class_names),
                              result.best_val_acc)["at_chance"]
-    shipped = {}
+    shipped: dict[str, Any] = {}
     if guardrails and not at_chance:
-        shipped = _ship_guardrails(bundle_dir, None, console, timings, seed, show_progress)
+        blocker = _guardrails_blocker(len(result.splits.val))
+        shipped = {"skipped": blocker} if blocker else _ship_guardrails(bundle_dir, None, console, timings, seed,
+                                                                        show_progress)
 
     step = time.perf_counter()
     console.print("evaluating the shipped bundle (ONNX Runtime) on the test split ...")
@@ -124,6 +128,16 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
                **_chance_verdict(test, out_dir)}
     atomic_write_json(out_dir / "summary.json", summary)
     return AutopilotResult(out_dir, summary)
+
+
+def _guardrails_blocker(num_val: int) -> str | None:
+    """Why guardrails cannot be fitted on this little data (None when they can): said, not crashed on."""
+    from lensforge.stress.calibration import MIN_SAMPLES
+
+    if num_val < MIN_SAMPLES:
+        return (f"only {num_val} validation images; calibration and OOD thresholds need at least {MIN_SAMPLES} "
+                "(add images, then run `lensforge calibrate` and `lensforge guard` on the bundle)")
+    return None
 
 
 def _ship_guardrails(bundle_dir: Path, run_dir: Path | None, console: Console, timings: dict[str, float],
@@ -203,7 +217,11 @@ def _budgeted(data: str, out_dir: Path, budget: Any, *, epochs: int | None, seed
     staging = staging_dir(out_dir / "bundle")
     shutil.copytree(chosen.bundle, staging, dirs_exist_ok=True)
     replace_dir(staging, out_dir / "bundle")
-    shipped = _ship_guardrails(out_dir / "bundle", run_dir, console, timings, seed, show_progress) if guardrails else {}
+    shipped: dict[str, Any] = {}
+    if guardrails:
+        blocker = _guardrails_blocker(len(json.loads((run_dir / "splits.json").read_text()).get("val", [])))
+        shipped = {"skipped": blocker} if blocker else _ship_guardrails(out_dir / "bundle", run_dir, console,
+                                                                        timings, seed, show_progress)
     test = evaluate(out_dir / "bundle", split="test", seed=seed, run_dir=run_dir, write=False).metrics
     for candidate_run in sorted((out_dir / "candidates").iterdir()):
         write_report(candidate_run)
