@@ -98,3 +98,16 @@ def test_autopilot_at_chance_ships_no_guardrails_and_fails(tmp_path: Path):
     with pytest.raises(ChanceLevelError) as caught:
         result.raise_if_failed()
     assert caught.value.exit_code == 4
+
+
+def test_select_leaves_chance_candidates_out(chance_run: Path):
+    from rich.console import Console
+
+    from lensforge.errors import ChanceLevelError
+    from lensforge.select import Budget, _options
+
+    refused: dict[str, str] = {}
+    with pytest.raises(ChanceLevelError, match="every candidate trained to chance level"):
+        _options([chance_run], Budget(max_latency_ms=100), quantize=False, prune=None, threads=1,
+                 console=Console(quiet=True), refused=refused)
+    assert "most frequent class" in refused[chance_run.name]
