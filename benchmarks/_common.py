@@ -172,12 +172,15 @@ def torch_call(model: Any, x: np.ndarray) -> Callable[[], Any]:
     return run
 
 
-def ort_call(bundle_path: Path, x: np.ndarray) -> Callable[[], Any]:
-    """One ONNX Runtime call on the bundle's model, as ``lensforge bench`` makes it (logits only)."""
+def ort_call(bundle_path: Path, pixels: np.ndarray) -> Callable[[], Any]:
+    """One ONNX Runtime call on the bundle's model, as ``lensforge bench`` makes it (logits only).
+
+    ``pixels``: uint8 (N, C, H, W); a bundle's model normalises them itself (format version 2).
+    """
     from lensforge.deploy.bundle import load_bundle
 
     bundle = load_bundle(bundle_path, intra_op_num_threads=THREADS)
-    session, feed = bundle.session, {bundle.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+    session, feed = bundle.session, {bundle.input_name: bundle.model_input(pixels)}
     return lambda: session.run(["logits"], feed)[0]
 
 

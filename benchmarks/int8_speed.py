@@ -60,6 +60,7 @@ def recipes(args: argparse.Namespace) -> dict[str, _common.Recipe]:
 def int8_on_trained(name: str, recipe: _common.Recipe, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or reuse), compress to int8 with the guard, then time eager / ORT fp32 / ORT int8."""
     from lensforge.compress.variants import CompressConfig, compress
+    from lensforge.data.preprocess import normalize
     from lensforge.train import load_run
 
     run = _common.trained_run(recipe, args.workdir)
@@ -74,11 +75,11 @@ def int8_on_trained(name: str, recipe: _common.Recipe, args: argparse.Namespace)
     compress_s = time.perf_counter() - started
     loaded = load_run(run.path)
     pre = loaded.preprocess
-    x = np.random.default_rng(0).standard_normal((1, pre.channels, *pre.input_size)).astype(np.float32)
+    pixels = np.random.default_rng(0).integers(0, 256, (1, pre.channels, *pre.input_size), dtype=np.uint8)
     timings = _common.interleaved({
-        "torch eager fp32": _common.torch_call(loaded.model, x),
-        "ORT fp32": _common.ort_call(Path(fp32.bundle), x),
-        "ORT int8": _common.ort_call(Path(int8.bundle), x),
+        "torch eager fp32": _common.torch_call(loaded.model, normalize(pixels, pre)),
+        "ORT fp32": _common.ort_call(Path(fp32.bundle), pixels),
+        "ORT int8": _common.ort_call(Path(int8.bundle), pixels),
     }, rounds=args.rounds, calls_per_round=args.calls)  # fmt: skip
     return {
         "model": name, "input": f"{pre.channels}x{pre.input_size[0]}x{pre.input_size[1]}", "run": str(run.path),
@@ -109,7 +110,7 @@ def latency_at(name: str, size: int, args: argparse.Namespace, work: Path) -> di
     import torch
 
     from lensforge.compress.quantize import quantize_int8
-    from lensforge.data.preprocess import Preprocess
+    from lensforge.data.preprocess import Preprocess, normalize
     from lensforge.deploy.export import write_bundle
     from lensforge.models.registry import create_model
 
@@ -121,11 +122,11 @@ def latency_at(name: str, size: int, args: argparse.Namespace, work: Path) -> di
     fp32 = write_bundle(model, pre, [f"c{i}" for i in range(6)], work / f"{name}-{size}", model_name=name,
                         sample_images=images[:4], atol=1e-2)
     int8 = quantize_int8(fp32, work / f"{name}-{size}-int8", images)
-    x = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    pixels = rng.integers(0, 256, (1, 3, size, size), dtype=np.uint8)
     timings = _common.interleaved({
-        "torch eager fp32": _common.torch_call(model, x),
-        "ORT fp32": _common.ort_call(fp32, x),
-        "ORT int8": _common.ort_call(int8, x),
+        "torch eager fp32": _common.torch_call(model, normalize(pixels, pre)),
+        "ORT fp32": _common.ort_call(fp32, pixels),
+        "ORT int8": _common.ort_call(int8, pixels),
     }, rounds=args.rounds, calls_per_round=max(5, args.calls // 2))  # fmt: skip
     return {"model": name, "input": f"3x{size}x{size}", "timings": timings.to_dict(), "ratios": _ratios(timings)}
 

@@ -41,6 +41,7 @@ AIM_EFFICIENCY, AIM_CHANGE = 0.6, -0.5  # speed-up / MACs reduction; accuracy ch
 
 def pruned_trained(args: argparse.Namespace) -> dict[str, Any]:
     from lensforge.compress.variants import CompressConfig, compress
+    from lensforge.data.preprocess import normalize
     from lensforge.train import load_run
 
     run = _common.trained_run(args.recipe, args.workdir)
@@ -57,12 +58,13 @@ def pruned_trained(args: argparse.Namespace) -> dict[str, Any]:
     unpruned_model = load_run(run.path)
     pruned_model = load_run(Path(pruned.bundle).parent)
     pre = unpruned_model.preprocess
-    x = np.random.default_rng(0).standard_normal((1, pre.channels, *pre.input_size)).astype(np.float32)
+    pixels = np.random.default_rng(0).integers(0, 256, (1, pre.channels, *pre.input_size), dtype=np.uint8)
+    x = normalize(pixels, pre)
     timings = _common.interleaved({
         "eager unpruned": _common.torch_call(unpruned_model.model, x),
         "eager pruned": _common.torch_call(pruned_model.model, x),
-        "ORT unpruned": _common.ort_call(Path(base.bundle), x),
-        "ORT pruned": _common.ort_call(Path(pruned.bundle), x),
+        "ORT unpruned": _common.ort_call(Path(base.bundle), pixels),
+        "ORT pruned": _common.ort_call(Path(pruned.bundle), pixels),
     }, rounds=args.rounds, calls_per_round=args.calls)  # fmt: skip
     speedups = {"torch eager": timings.ratio("eager unpruned", "eager pruned"),
                 "ONNX Runtime": timings.ratio("ORT unpruned", "ORT pruned")}
@@ -91,7 +93,7 @@ def pruned_at(model_name: str, size: int, ratio: float, args: argparse.Namespace
     import torch
 
     from lensforge.compress.prune import prune_model
-    from lensforge.data.preprocess import Preprocess
+    from lensforge.data.preprocess import Preprocess, normalize
     from lensforge.deploy.export import write_bundle
     from lensforge.models.registry import create_model
 
@@ -106,12 +108,13 @@ def pruned_at(model_name: str, size: int, ratio: float, args: argparse.Namespace
                                   model_name=model_name,
                                   sample_images=images, atol=1e-2)
                for kind, model in (("unpruned", unpruned), ("pruned", pruned.eval()))}
-    x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 3, size, size), dtype=np.uint8)
+    x = normalize(pixels, pre)
     timings = _common.interleaved({
         "eager unpruned": _common.torch_call(unpruned, x),
         "eager pruned": _common.torch_call(pruned, x),
-        "ORT unpruned": _common.ort_call(bundles["unpruned"], x),
-        "ORT pruned": _common.ort_call(bundles["pruned"], x),
+        "ORT unpruned": _common.ort_call(bundles["unpruned"], pixels),
+        "ORT pruned": _common.ort_call(bundles["pruned"], pixels),
     }, rounds=args.rounds, calls_per_round=max(5, args.calls // 2))  # fmt: skip
     speedups = {"torch eager": timings.ratio("eager unpruned", "eager pruned"),
                 "ONNX Runtime": timings.ratio("ORT unpruned", "ORT pruned")}

@@ -42,10 +42,11 @@ def digitnet_bundle(digits, path: Path, *, steps: int = 200) -> Path:
     """Train a DigitNet on the training split (the split fit_guardrails makes with seed 0) and export it."""
     from lensforge.data.splits import make_splits
     from lensforge.deploy.export import write_bundle
+    from lensforge.models.normalize import Normalize
 
     torch.manual_seed(0)
     train = make_splits(digits, seed=0).train
-    x = (torch.from_numpy(digits.images[train]).float() / 255 - 0.5) / 0.5
+    x = Normalize(PRE.mean, PRE.std)(torch.from_numpy(digits.images[train]))
     y = torch.from_numpy(digits.targets[train]).long()
     model = DigitNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)

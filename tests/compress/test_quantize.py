@@ -16,6 +16,7 @@ from lensforge.compress import quantize as quantize_module
 from lensforge.compress.quantize import (
     QuantizeResult,
     convert_fp16,
+    input_preprocessing_nodes,
     quantize_guarded,
     quantize_int8,
     rank_sensitive_nodes,
@@ -79,15 +80,24 @@ def test_int8_bundle_loads_and_describes_its_quantization(trained, int8_bundle):
     assert manifest["class_names"] == parent["class_names"] and manifest["preprocess"] == parent["preprocess"]
 
 
-def test_int8_graph_really_is_quantized_with_float_io(int8_bundle):
+def test_int8_graph_really_is_quantized_with_uint8_input_and_float_outputs(trained, int8_bundle):
     g = graph(int8_bundle)
     ops = [node.op_type for node in g.node]
     assert ops.count("QuantizeLinear") >= 5 and ops.count("DequantizeLinear") >= 10
     int8_weights = [i for i in g.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
     assert len(int8_weights) >= 5  # conv weights stored as int8
-    assert not [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4]
+    float_weights = [i.name for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4]
+    assert float_weights == ["normalize.scale", "normalize.shift"]  # only the per-channel normalisation
     float32 = onnx.TensorProto.FLOAT
-    assert [(i.name, i.type.tensor_type.elem_type) for i in g.input] == [("input", float32)]
+    assert [(i.name, i.type.tensor_type.elem_type) for i in g.input] == [("input", onnx.TensorProto.UINT8)]
+    assert load_bundle(int8_bundle).input_dtype == load_bundle(trained.bundle).input_dtype == "uint8"
+    # the normalisation of the pixels stays float (no DequantizeLinear between its nodes) and
+    # hands the first layer normalised values, which are quantized for it
+    head = input_preprocessing_nodes(int8_bundle / MODEL_FILE)
+    assert head == input_preprocessing_nodes(trained.bundle / MODEL_FILE)
+    nodes = {node.name: node for node in g.node}
+    assert [nodes[name].op_type for name in head] == ["Cast", "Mul", "Add"]
+    assert [node.op_type for node in g.node if nodes[head[-1]].output[0] in node.input] == ["QuantizeLinear"]
     assert {(o.name, o.type.tensor_type.elem_type) for o in g.output} == {("logits", float32), ("features", float32)}
     producers = {out: node.op_type for node in g.node for out in node.output}
     # outputs leave the model unrounded: not the 8-bit copy a DequantizeLinear would give
@@ -107,7 +117,9 @@ def test_fp16_bundle_agrees_with_fp32(trained, tmp_path):
     assert loaded.manifest["parity"]["n_images"] == 32
     g = graph(out)
     assert any(i.data_type == onnx.TensorProto.FLOAT16 and len(i.dims) == 4 for i in g.initializer)
-    assert {o.type.tensor_type.elem_type for o in (*g.input, *g.output)} == {onnx.TensorProto.FLOAT}
+    assert [i.type.tensor_type.elem_type for i in g.input] == [onnx.TensorProto.UINT8]  # pixels in, as the parent
+    assert {o.type.tensor_type.elem_type for o in g.output} == {onnx.TensorProto.FLOAT}
+    assert loaded.input_dtype == "uint8" and loaded.manifest["quantization"]["input_dtype"] == "uint8"
     reference, _ = load_bundle(trained.bundle).predict_uint8(trained.test_images)
     half, _ = loaded.predict_uint8(trained.test_images)
     assert np.mean(reference.argmax(1) == half.argmax(1)) > 0.98

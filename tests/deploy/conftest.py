@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,38 @@ def exported_bundle(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., E
         return cache[key]
 
     return get
+
+
+def write_v1_bundle(exported: Exported, out_dir: Path) -> Path:
+    """The version-1 bundle lensforge wrote before the graph took uint8: same model, float32 normalised input.
+
+    The ONNX file is exported from the same PyTorch model without the normalisation in front,
+    and the manifest is the version-2 one as version 1 had it (format_version 1, float32 input).
+    """
+    from lensforge.deploy.bundle import bundle_file_hashes
+    from lensforge.deploy.export import LogitsAndFeatures, _quiet_exporter
+
+    out_dir.mkdir(parents=True)
+    pre = exported.pre
+    example = torch.zeros(2, pre.channels, *pre.input_size)
+    with _quiet_exporter():
+        torch.onnx.export(
+            LogitsAndFeatures(exported.model).eval(), (example,), str(out_dir / "model.onnx"), dynamo=True,
+            external_data=False, input_names=["input"], output_names=["logits", "features"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )  # fmt: skip
+    manifest = json.loads((exported.path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["inputs"][0]["dtype"] = "float32"
+    manifest["files"] = bundle_file_hashes(out_dir)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def v1_bundle(bundle: Exported, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default bundle's model as a version-1 bundle (read-only)."""
+    return write_v1_bundle(bundle, tmp_path_factory.mktemp("v1") / "bundle")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import shutil
 from datetime import datetime
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from helpers import tree_digest
@@ -32,12 +33,12 @@ def _edit_manifest(folder, **changes):
 
 def test_manifest_describes_the_bundle(bundle, class_names):
     manifest = json.loads((bundle.path / "manifest.json").read_text())
-    assert manifest["format"] == "lensforge-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "lensforge-bundle" and manifest["format_version"] == 2
     assert manifest["task"] == "classification" and manifest["model"] == "resnet10t"
     assert manifest["class_names"] == class_names and manifest["num_classes"] == 4
     assert manifest["preprocess"] == bundle.pre.to_dict()
     assert manifest["inputs"] == [
-        {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
+        {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "uint8"}
     ]
     assert manifest["outputs"] == [
         {"name": "logits", "shape": ["batch", 4]},
@@ -71,7 +72,68 @@ def test_loaded_bundle_runs_like_the_pytorch_model(bundle, class_names):
             ref_logits, ref_features = wrapper(torch.from_numpy(normalize(images, bundle.pre)))
         np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4)
         np.testing.assert_allclose(features, ref_features.numpy(), atol=1e-4)
+        # run() still takes normalised floats: mapped back to the same pixels, the same logits
         np.testing.assert_array_equal(loaded.run(normalize(images, bundle.pre))[0], logits)
+        np.testing.assert_array_equal(loaded.model_input(images), images)
+
+
+def test_the_model_takes_uint8_pixels_and_normalises_them_in_float(bundle):
+    graph = onnx.load(str(bundle.path / "model.onnx")).graph
+    assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == [("input", onnx.TensorProto.UINT8)]
+    # Cast, Mul, Add in front of the first Conv: not folded into its weights (zero padding would differ)
+    assert [node.op_type for node in graph.node[:4]] == ["Cast", "Mul", "Add", "Conv"]
+    constants = {i.name: onnx.numpy_helper.to_array(i).ravel() for i in graph.initializer}
+    scale, shift = (constants[graph.node[i].input[1]] for i in (1, 2))
+    mean, std = np.array(bundle.pre.mean), np.array(bundle.pre.std)
+    np.testing.assert_allclose(scale, 1 / (255 * std), rtol=1e-6)
+    np.testing.assert_allclose(shift, -mean / std, rtol=1e-6)
+
+
+def test_a_version_1_bundle_still_loads_and_predicts_like_version_2(bundle, v1_bundle, tmp_path, make_photo):
+    from lensforge.deploy.predict import predict_files
+
+    old, new = load_bundle(v1_bundle), load_bundle(bundle.path)
+    assert (old.manifest["format_version"], old.input_dtype) == (1, "float32")
+    assert (new.manifest["format_version"], new.input_dtype) == (2, "uint8")
+    assert old.model_input(bundle.images).dtype == np.float32  # normalised in NumPy for version 1
+    old_logits, old_features = old.predict_uint8(bundle.images)
+    new_logits, new_features = new.predict_uint8(bundle.images)
+    np.testing.assert_array_equal(old_logits.argmax(1), new_logits.argmax(1))
+    np.testing.assert_allclose(old_logits, new_logits, atol=1e-4)
+    np.testing.assert_allclose(old_features, new_features, atol=1e-4)
+    x = normalize(bundle.images, bundle.pre)
+    np.testing.assert_allclose(old.run(x)[0], new.run(x)[0], atol=1e-4)
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        make_photo(rng, (40 + 9 * i, 50)).save(tmp_path / f"{i}.png")
+    rows = [list(predict_files(b, tmp_path)) for b in (old, new)]
+    assert [r["label"] for r in rows[0]] == [r["label"] for r in rows[1]]
+    np.testing.assert_allclose([r["confidence"] for r in rows[0]], [r["confidence"] for r in rows[1]], atol=1e-5)
+
+
+def test_derived_models_must_keep_the_parents_input_dtype(bundle, v1_bundle, tmp_path):
+    from lensforge.deploy.bundle import derive_bundle
+
+    float_model, uint8_model = (v1_bundle / "model.onnx").read_bytes(), (bundle.path / "model.onnx").read_bytes()
+    with pytest.raises(ArtifactError, match=r"is tensor\(float\), but the parent bundle's model takes uint8"):
+        derive_bundle(bundle.path, tmp_path / "a", float_model, precision="fp32")
+    with pytest.raises(ArtifactError, match=r"is tensor\(uint8\), but the parent bundle's model takes float32"):
+        derive_bundle(v1_bundle, tmp_path / "b", uint8_model, precision="fp32")
+    child = load_bundle(derive_bundle(v1_bundle, tmp_path / "c", float_model, precision="fp32"))
+    assert child.manifest["format_version"] == 1 and child.input_dtype == "float32"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_manifest_that_misstates_the_input_dtype_fails_on_load(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["inputs"][0]["dtype"] = "float32"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="says model.onnx takes 'input' as float32"):
+        load_bundle(bundle_copy).predict_uint8(np.zeros((1, 3, 32, 32), np.uint8))
+    manifest["inputs"][0]["dtype"] = "int16"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="input dtype 'int16'"):
+        load_bundle(bundle_copy)
 
 
 def test_bad_batches_are_usage_errors(bundle):

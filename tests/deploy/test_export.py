@@ -21,6 +21,7 @@ from lensforge.deploy.export import (
     write_bundle,
 )
 from lensforge.errors import ExportError, UsageError
+from lensforge.models.normalize import Normalize
 
 
 class _TimmInterface(torch.nn.Module):
@@ -52,14 +53,14 @@ class DataDependent(_TimmInterface):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean((2, 3))
-        if pooled.mean() > 3:  # never true for the exporter's randn example input
+        if pooled.mean() > 3:  # never true for the exporter's random example pixels, normalised near 0
             return pooled * 10
         return pooled
 
 
-def _ort_run(path: Path, batch: np.ndarray) -> list[np.ndarray]:
+def _ort_run(path: Path, pixels: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["logits", "features"], {"input": batch})
+    return session.run(["logits", "features"], {"input": pixels})
 
 
 @pytest.mark.parametrize(
@@ -75,8 +76,9 @@ def test_onnx_matches_pytorch_with_dynamic_batch(exported_bundle, name, channels
     assert manifest["inputs"][0]["shape"] == ["batch", channels, size, size]
     wrapper = LogitsAndFeatures(exported.model).eval()
     for batch_size in (1, 5):
-        x = normalize(exported.images[:batch_size], exported.pre)
-        onnx_logits, onnx_features = _ort_run(exported.path / "model.onnx", x)
+        pixels = exported.images[:batch_size]
+        onnx_logits, onnx_features = _ort_run(exported.path / "model.onnx", pixels)  # uint8 straight in
+        x = normalize(pixels, exported.pre)
         with torch.inference_mode():
             logits, features = wrapper(torch.from_numpy(x))
         assert onnx_logits.shape == (batch_size, 4)
@@ -92,7 +94,8 @@ def test_export_onnx_writes_one_quiet_self_contained_file(tmp_path, tiny_net, ca
     assert (out, err) == ("", "")  # exporter chatter is swallowed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no .data, no temp files
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [(i.name, i.shape) for i in session.get_inputs()] == [("input", ["batch", 3, 16, 16])]
+    inputs = [(i.name, i.shape, i.type) for i in session.get_inputs()]
+    assert inputs == [("input", ["batch", 3, 16, 16], "tensor(uint8)")]
     assert [o.name for o in session.get_outputs()] == ["logits", "features"]
     assert tiny_net.training  # the caller's mode is restored
 
@@ -118,15 +121,15 @@ def test_legacy_fallback_is_recorded(tmp_path):
 
 
 def test_parity_failure_keeps_the_old_bundle(tmp_path, bundle, images_for):
-    # the legacy tracer baked in the "mean <= 3" branch; these bright inputs take the other one
-    pre = Preprocess(input_size=(8, 8), mean=(0.0,) * 3, std=(0.1,) * 3)
+    # the legacy tracer baked in the "mean <= 3" branch; these white inputs, (1 - 0.5) / 0.1 = 5, take the other
+    pre = Preprocess(input_size=(8, 8), mean=(0.5,) * 3, std=(0.1,) * 3)
     out_dir = tmp_path / "bundle"
     shutil.copytree(bundle.path, out_dir)
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
     with pytest.raises(ExportError, match=r"ONNX logits differ from PyTorch by .* on 6 validation"):
         write_bundle(
             DataDependent(), pre, ["a", "b"], out_dir,
-            model_name="branchy", sample_images=np.full((6, 3, 8, 8), 200, np.uint8),
+            model_name="branchy", sample_images=np.full((6, 3, 8, 8), 255, np.uint8),
         )  # fmt: skip
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
@@ -184,6 +187,20 @@ def test_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path, tiny_net):
             model_name="t", sample_images=np.zeros((1, 3, 16, 16), np.uint8),
         )  # fmt: skip
     assert [p.name for p in precious.iterdir()] == ["holiday.jpg"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_torch_and_numpy_normalise_pixels_alike(channels):
+    mean, std = (0.3, 0.5, 0.7)[:channels], (0.2, 0.25, 0.3)[:channels]
+    pre = Preprocess(input_size=(4, 5), channels=channels, mean=mean, std=std)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, channels, 4, 5), dtype=np.uint8)
+    torch_x = Normalize(pre.mean, pre.std)(torch.from_numpy(pixels))
+    assert torch_x.dtype == torch.float32
+    np.testing.assert_array_equal(torch_x.numpy(), normalize(pixels, pre))
+    by_hand = (pixels / 255 - np.reshape(mean, (1, -1, 1, 1))) / np.reshape(std, (1, -1, 1, 1))
+    np.testing.assert_allclose(normalize(pixels, pre), by_hand, rtol=1e-5, atol=1e-6)
+    in_unit_range = Normalize(pre.mean, pre.std, pixel_max=1.0)(torch.from_numpy(pixels) / 255)
+    np.testing.assert_allclose(in_unit_range.numpy(), torch_x.numpy(), atol=1e-5)
 
 
 def test_model_without_timm_interface_is_a_usage_error():

@@ -6,7 +6,10 @@ augmented batch into teacher logits, whatever the teacher was trained on: it con
 grey <-> RGB, resizes to the teacher's input size and normalises with the teacher's
 statistics, so a 1-channel 8 px student can learn from a 3-channel 224 px teacher. The
 teacher is an in-memory model (the unpruned model while fine-tuning a pruned one), a
-run folder (PyTorch) or a bundle (ONNX Runtime, so any exported model can teach).
+run folder (PyTorch) or a bundle (ONNX Runtime, so any exported model can teach). A
+bundle takes 8-bit pixels, so its teacher sees the batch rounded to the nearest grey
+level (at most half a level off for augmented pixels between levels), as a deployed
+model would.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from lensforge.data.preprocess import Preprocess
 from lensforge.errors import UsageError
+from lensforge.models.normalize import Normalize
 
 # ITU-R 601-2 luma, the weights Pillow uses for convert("L"): a grey student's pixels were made this way.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -98,6 +102,7 @@ class Teacher:
 
     def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], preprocess: Preprocess,
                  class_names: Sequence[str], *, source: str, kind: str) -> None:
+        """``logits_fn`` takes the batch as :meth:`pixels` makes it: [0, 1], the teacher's channels and size."""
         self._logits_fn = logits_fn
         self.preprocess = preprocess
         self.class_names = list(class_names)
@@ -113,9 +118,10 @@ class Teacher:
         if device is not None:
             model.to(device)
         model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        normalize = Normalize(preprocess.mean, preprocess.std, pixel_max=1.0).to(model_device)
 
-        def logits(x: torch.Tensor) -> torch.Tensor:
-            return model(x.to(model_device))
+        def logits(pixels: torch.Tensor) -> torch.Tensor:
+            return model(normalize(pixels.to(model_device)))
 
         return cls(logits, preprocess, class_names, source=source, kind=kind)
 
@@ -123,8 +129,8 @@ class Teacher:
         size = "x".join(map(str, self.preprocess.input_size))
         return f"Teacher({self.source!r}, kind={self.kind}, input={self.preprocess.channels}x{size})"
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """The student's [0, 1] batch as the teacher's normalised input (channels, size, mean/std)."""
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's [0, 1] batch converted to the teacher's channels and size, still in [0, 1]."""
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise UsageError(f"teacher input must be an image batch (N, 1 or 3, H, W) in [0, 1], not {shape}")
@@ -138,13 +144,11 @@ class Teacher:
         if tuple(x.shape[-2:]) != size:
             # antialias: downscaling without it aliases fine detail the teacher never saw
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        mean = x.new_tensor(self.preprocess.mean).view(1, -1, 1, 1)
-        std = x.new_tensor(self.preprocess.std).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous()
+        return x.contiguous()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # not inference_mode: the logits enter the student's autograd graph
-            logits = self._logits_fn(self.prepare(images))
+            logits = self._logits_fn(self.pixels(images))
         return logits.float().to(images.device)
 
 
@@ -181,8 +185,9 @@ def _bundle_teacher(folder: Path) -> Teacher:
 
     bundle = load_bundle(folder)
 
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        out, _features = bundle.run(x.detach().cpu().numpy())
+    def logits(pixels: torch.Tensor) -> torch.Tensor:
+        levels = pixels.detach().float().cpu().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+        out, _features = bundle.predict_uint8(levels.numpy())
         return torch.from_numpy(out)
 
     return Teacher(logits, bundle.preprocess, bundle.class_names, source=str(folder), kind="bundle")

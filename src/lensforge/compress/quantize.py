@@ -12,7 +12,12 @@ calibrated on a sample of training images. Two choices are ours:
   fp32 20.5 ms, u8 10.4 ms, s8 17.3 ms, with u8 agreeing with fp32 top-1 on 88.0% of
   photo crops against 85.5% for s8;
 * the ``logits`` and ``features`` outputs stay float32: ORT would round them to 8 bits,
-  coarsening calibrated probabilities and the features OOD detectors read (same speed).
+  coarsening calibrated probabilities and the features OOD detectors read (same speed);
+* the input normalisation at the head of the graph (Cast, Mul, Add on the uint8 pixels,
+  :func:`input_preprocessing_nodes`) stays float: the first convolution is quantized on
+  normalised values, as it would be for a model that takes them, and the pixels are never
+  re-rounded. Variants keep the parent's input contract (uint8 pixels for a version-2
+  bundle): calibration, parity and ranking feed :meth:`Bundle.model_input` of the pixels.
 
 Calibration methods, measured on the same models: ``minmax`` (default) and ``percentile``
 (99.999%) are close; ``entropy`` (KL thresholds) clipped the pre-logit features hard (digits
@@ -44,7 +49,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lensforge.data.preprocess import normalize
 from lensforge.deploy.bundle import (
     MANIFEST_NAME,
     MODEL_FILE,
@@ -68,6 +72,7 @@ _EXCLUDE_STEPS = (1, 3, 8, 20, 50)  # nodes returned to float on successive guar
 _SAVED_SUFFIX = "_ReshapedSavedOutput"  # qdq_loss_debug's name for a saved intermediate tensor
 _QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"  # ORT's name for a graph output's unrounded value
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+_PREPROCESSING_OPS = ("Cast", "Mul", "Add", "Sub", "Div")  # the input normalisation export writes
 
 
 @dataclass(frozen=True)
@@ -213,7 +218,7 @@ def _quantize_prepared(
                     activation_type=types[settings.activation_type],
                     weight_type=types[settings.weight_type],
                     calibrate_method=_calibration_method(settings.method),
-                    nodes_to_exclude=list(settings.excluded_nodes),
+                    nodes_to_exclude=[*settings.excluded_nodes, *input_preprocessing_nodes(prepared)],
                     op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
                     **cache,
                 )  # fmt: skip
@@ -254,13 +259,43 @@ def _calibrate_entropy(
         save_tensors_data(calibrator.compute_data(), cache)
 
 
+def input_preprocessing_nodes(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:
+    """Names of the elementwise nodes that normalise the graph input before the network proper.
+
+    The chain of Cast, Mul, Add, Sub and Div nodes that starts at the (single) graph input,
+    each reading the previous one and otherwise only constants: what export puts in front
+    of the network of a version-2 bundle. Empty for a model that takes normalised floats.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = model.graph
+    constants = {i.name for i in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    inputs = [i.name for i in graph.input if i.name not in constants]
+    if len(inputs) != 1:
+        return []
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    chain, tensor = [], inputs[0]
+    while len(consumers.get(tensor, [])) == 1:
+        node = consumers[tensor][0]
+        others = [name for name in node.input if name != tensor]
+        if node.op_type not in _PREPROCESSING_OPS or not all(name in constants for name in others):
+            break
+        chain.append(node.name)
+        tensor = node.output[0]
+    return chain
+
+
 def convert_fp16(
     bundle: Bundle | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
     sample_images: np.ndarray | None = None,
 ) -> Path:
-    """FP16 weights and compute, float32 input and outputs kept, into a new bundle at ``out_dir``.
+    """FP16 weights and compute, the parent's input and float32 outputs kept, into a new bundle at ``out_dir``.
 
     Uses ONNX Runtime's own converter (``onnxruntime.transformers.float16``, the code of
     onnxconverter-common), so no extra dependency. It halves the file; on CPUs without native
@@ -287,7 +322,8 @@ def convert_fp16(
         "quantization": {
             "method": "fp16",
             "converter": "onnxruntime.transformers.float16",
-            "io_dtype": "float32",
+            "io_dtype": "float32",  # the outputs, kept float32 (keep_io_types)
+            "input_dtype": parent.input_dtype,  # kept too: uint8 pixels, or a version-1 bundle's float32
         }
     }
     if sample_images is not None:
@@ -391,7 +427,7 @@ def rank_sensitive_nodes(
         node_io = _quantized_node_io(qdq_graph)
         pairs = {pair for ins, out in node_io.values() for pair in (*ins, out)}
         sqnr = _pair_sqnr(work / "float-saved.onnx", work / "int8-saved.onnx", pairs,
-                          normalize(images[:_RANK_IMAGES], fp32.preprocess))  # fmt: skip
+                          fp32.model_input(images[:_RANK_IMAGES]))  # fmt: skip
         float_nodes = {node.name for node in onnx.load(str(float_path), load_external_data=False).graph.node}
     losses = []
     for name, (ins, out) in node_io.items():
@@ -636,7 +672,10 @@ def _check_guard_args(parent: Bundle, out_dir: Path, max_attempts: int, referenc
 
 
 class _CalibrationReader:
-    """ORT ``CalibrationDataReader``: normalised batches of the calibration images, then None.
+    """ORT ``CalibrationDataReader``: batches of the calibration images as the model takes them, then None.
+
+    uint8 pixels for a version-2 bundle (the graph normalises them), normalised float32 for a
+    version-1 one (:meth:`Bundle.model_input`).
 
     Duck-typed (ORT checks for ``get_next``) so that importing this module stays light.
     """
@@ -653,7 +692,7 @@ class _CalibrationReader:
             return None
         batch = self.images[self.start : self.start + self.batch_size]
         self.start += self.batch_size
-        return {self.bundle.input_name: normalize(batch, self.bundle.preprocess)}
+        return {self.bundle.input_name: self.bundle.model_input(batch)}
 
 
 
@@ -663,9 +702,9 @@ def _parity(parent: Bundle, model_path: Path, images: np.ndarray) -> dict[str, A
     try:
         session = _session(model_path)
         for start in range(0, len(images), _CALIBRATION_BATCH):
-            batch = normalize(images[start : start + _CALIBRATION_BATCH], parent.preprocess)
-            ours.append(session.run(["logits"], {parent.input_name: batch})[0])
-            theirs.append(parent.run(batch)[0])
+            pixels = images[start : start + _CALIBRATION_BATCH]
+            ours.append(session.run(["logits"], {parent.input_name: parent.model_input(pixels)})[0])
+            theirs.append(parent.predict_uint8(pixels)[0])
     except Exception as e:  # ORT has no common base exception
         raise ExportError(f"the converted model of {parent.path} does not run in ONNX Runtime: {_one_line(e)}") from e
     reference, derived = np.concatenate(theirs), np.concatenate(ours)

@@ -3,11 +3,14 @@
 Kept free of torch so that ``lensforge predict`` and the server run it with
 NumPy and Pillow only. Training uses the same two steps: :func:`resize_to_input`
 once when the data set is decoded (images are then held as uint8 tensors), and
-normalisation per batch with the same mean/std.
+normalisation per batch with the same mean/std (:func:`normalize_affine`). A bundle's
+model (format version 2) applies that normalisation inside its ONNX graph and takes the
+uint8 pixels :func:`resize_to_input` makes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,8 +108,23 @@ def array_to_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8)))
 
 
+def normalize_affine(
+    mean: Sequence[float], std: Sequence[float], pixel_max: float = 255.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 ``(scale, shift)`` with ``(x / pixel_max - mean) / std == x * scale + shift``.
+
+    The one statement of the normalisation: :func:`normalize` (NumPy), the torch module in
+    :mod:`lensforge.models.normalize` and the Mul + Add at the head of a bundle's ONNX graph
+    all apply these constants, so the three agree to the last bit. ``pixel_max`` is 255 for
+    uint8 pixels, 1 for pixels already scaled to [0, 1].
+    """
+    mean64, std64 = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    scale = 1.0 / (pixel_max * std64)
+    shift = -mean64 / std64
+    return scale.astype(np.float32), shift.astype(np.float32)
+
+
 def normalize(batch_uint8: np.ndarray, pre: Preprocess) -> np.ndarray:
-    """uint8 (N, C, H, W) -> float32 normalised model input."""
-    mean = np.asarray(pre.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(pre.std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return (batch_uint8.astype(np.float32) / 255.0 - mean) / std
+    """uint8 (N, C, H, W) -> float32 normalised model input (what a version-1 bundle's model takes)."""
+    scale, shift = normalize_affine(pre.mean, pre.std)
+    return batch_uint8.astype(np.float32) * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)

@@ -1,6 +1,6 @@
 """``lensforge bench``: latency, throughput, memory and hardware utilisation, backend by backend.
 
-:func:`benchmark` runs the same random inputs, with the same thread count, through
+:func:`benchmark` runs the same random uint8 images, with the same thread count, through
 PyTorch eager (from the run folder), ONNX Runtime and OpenVINO (both on the
 bundle's ``model.onnx``, the file that ships) and reports them side by side:
 latency percentiles and images/s after warm-up, the peak resident memory of each
@@ -262,12 +262,15 @@ class _TorchBackend:
     precision = "fp32"
 
     def __init__(self, torch: Any, run_dir: Path, threads: int) -> None:
+        from lensforge.models.normalize import Normalize
         from lensforge.train.run import load_run
 
         self._torch = torch
         self._saved_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
-        self.model = load_run(run_dir).model.eval()
+        run = load_run(run_dir)
+        # uint8 in, normalised in the timed call: the same work a bundle's graph does
+        self.model = torch.nn.Sequential(Normalize(run.preprocess.mean, run.preprocess.std), run.model).eval()
 
     def step(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
         torch, model, tensor = self._torch, self.model, self._torch.from_numpy(batch)
@@ -294,10 +297,10 @@ class _OrtBackend:
         # a fresh Bundle: its own session, with the bench's threads (intra-op N, inter-op 1, sequential)
         fresh = Bundle(bundle.path, bundle.manifest, intra_op_num_threads=threads)
         self.precision = _precision(bundle)
-        self.session, self.input_name = fresh.session, fresh.input_name
+        self.session, self.input_name, self.model_input = fresh.session, fresh.input_name, fresh.model_input
 
     def step(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
-        session, feed = self.session, {self.input_name: batch}
+        session, feed = self.session, {self.input_name: self.model_input(batch)}
         return lambda: session.run(["logits"], feed)[0]
 
     def close(self) -> None:
@@ -325,7 +328,7 @@ class _OpenVinoBackend:
     def __init__(self, ov: Any, bundle: Bundle, threads: int) -> None:
         self._ov, self._core = ov, ov.Core()
         self._model = self._core.read_model(str(bundle.path / MODEL_FILE))
-        self.input_name = bundle.input_name
+        self.input_name, self.model_input = bundle.input_name, bundle.model_input
         self.precision = _precision(bundle)
         # f32 explicitly: OpenVINO would run bf16 on CPUs that have it, which is not what we compare
         self._config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
@@ -335,7 +338,7 @@ class _OpenVinoBackend:
         self._model.reshape({self.input_name: self._ov.PartialShape(list(batch.shape))})
         compiled = self._core.compile_model(self._model, "CPU", self._config)
         request, logits = compiled.create_infer_request(), compiled.output("logits")
-        feed = {self.input_name: batch}
+        feed = {self.input_name: self.model_input(batch)}
 
         def run() -> np.ndarray:
             return request.infer(feed, share_inputs=True)[logits]
@@ -573,7 +576,7 @@ def benchmark(
         batches: batch sizes (1 to 4096).
         threads: CPU threads for every backend; default: the cores this process may use.
         warmup, min_iters, min_seconds, max_seconds: see :class:`Timing`.
-        seed: of the random normal inputs (the same arrays go to every backend).
+        seed: of the random uint8 images (the same arrays go to every backend).
 
     Raises:
         UsageError: a bad option, an unusable target, OpenVINO asked for but missing,
@@ -593,7 +596,7 @@ def benchmark(
         notes.append(f"{threads} threads on {cpu.usable_cores} usable cores: oversubscribed, latencies will suffer")
     model = model_info(resolved, use_torch=_torch_usable(resolved))
     rng = np.random.default_rng(seed)
-    inputs = {b: rng.standard_normal((b, *resolved.input_shape), dtype=np.float32) for b in batch_sizes}
+    inputs = {b: rng.integers(0, 256, (b, *resolved.input_shape), dtype=np.uint8) for b in batch_sizes}
     rows: list[BenchRow] = []
     reference: tuple[str, dict[int, np.ndarray]] | None = None
     for name in names:

@@ -3,6 +3,12 @@
 A bundle is ``manifest.json`` plus the files it lists with their SHA-256 and size
 (``model.onnx`` first; later stages add OOD and drift files). This module never
 imports torch: ``lensforge predict`` and the server run on it alone.
+
+Format version 2 (current): ``model.onnx`` takes raw uint8 pixels (N, C, H, W) at the
+input size, channels RGB or L, and normalises them inside the graph. Version 1 bundles
+(float32 input normalised outside the model) still load: :meth:`Bundle.model_input` turns
+uint8 pixels into whatever the bundle's model takes, as its manifest's ``inputs[0].dtype``
+says, so every caller feeds uint8 and never needs to know the version.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from lensforge.data.preprocess import Preprocess, normalize
+from lensforge.data.preprocess import Preprocess, normalize, normalize_affine
 from lensforge.errors import ArtifactError, UsageError
 from lensforge.utils.io import atomic_write_bytes, atomic_write_json, replace_dir, sha256_file, staging_dir
 
 BUNDLE_FORMAT = "lensforge-bundle"
-FORMAT_VERSION = 1  # bump when a reader of the old version would misread a new bundle
+FORMAT_VERSION = 2  # bump when a reader of the old version would misread a new bundle
+# 1: model.onnx takes normalised float32; 2: it takes uint8 pixels and normalises them itself
+INPUT_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}  # manifest dtype -> ORT type
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 _REQUIRED_KEYS = ("task", "class_names", "preprocess", "inputs", "outputs", "files")
@@ -154,10 +162,18 @@ class Bundle:
         self.temperature = float(temperature)
         try:
             self.input_name = str(manifest["inputs"][0]["name"])
-        except (KeyError, IndexError, TypeError):
+            # every manifest lensforge wrote says; the default covers hand-written ones
+            default = "uint8" if manifest.get("format_version", 1) >= 2 else "float32"
+            self.input_dtype = str(manifest["inputs"][0].get("dtype", default))
+        except (AttributeError, KeyError, IndexError, TypeError):
             raise ArtifactError(
                 f"{where}: inputs in {MANIFEST_NAME} must list the input name"
             ) from None
+        if self.input_dtype not in INPUT_DTYPES:
+            raise ArtifactError(
+                f"{where}: input dtype {self.input_dtype!r} in {MANIFEST_NAME} is not one of "
+                f"{', '.join(INPUT_DTYPES)}"
+            )
         self.intra_op_num_threads = intra_op_num_threads or _available_cores()
         self._session: ort.InferenceSession | None = None
         self._lock = threading.Lock()
@@ -186,27 +202,59 @@ class Bundle:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = self.path / MODEL_FILE
         try:
-            return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises several unrelated types for a bad file
             cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(
                 f"bundle {self.path}: ONNX Runtime cannot load {MODEL_FILE} ({cause})"
             ) from e
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised float32 (N, C, H, W) -> (logits (N, K), features (N, D))."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        self._check_shape(batch)
-        logits, features = self.session.run(["logits", "features"], {self.input_name: batch})
-        return logits, features
+        found = {i.name: i.type for i in session.get_inputs()}
+        if found.get(self.input_name) != INPUT_DTYPES[self.input_dtype]:
+            raise ArtifactError(
+                f"bundle {self.path}: {MANIFEST_NAME} says {MODEL_FILE} takes {self.input_name!r} as "
+                f"{self.input_dtype}, but its inputs are {found}"
+            )
+        return session
 
     def predict_uint8(self, batch_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, C, H, W) at the input size -> (logits, features), normalised like training."""
+        """uint8 pixels (N, C, H, W) at the input size -> (logits (N, K), features (N, D)).
+
+        The entry point for every caller, whatever the bundle's format version: the pixels go
+        to the model as they are (version 2) or normalised in NumPy first (version 1).
+        """
+        return self._run(self.model_input(batch_uint8))
+
+    def model_input(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """uint8 pixels (N, C, H, W) -> the array ``model.onnx`` takes (to feed ONNX Runtime directly).
+
+        The pixels themselves for a version-2 bundle; normalised float32 for a version-1 one.
+        """
         if not isinstance(batch_uint8, np.ndarray) or batch_uint8.dtype != np.uint8:
             dtype = getattr(batch_uint8, "dtype", type(batch_uint8).__name__)
             raise UsageError(f"predict_uint8 needs a uint8 array, not {dtype}")
         self._check_shape(batch_uint8)
-        return self.run(normalize(batch_uint8, self.preprocess))
+        if self.input_dtype == "uint8":
+            return np.ascontiguousarray(batch_uint8)
+        return normalize(batch_uint8, self.preprocess)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised float32 (N, C, H, W) -> (logits, features); kept for older callers.
+
+        Prefer :meth:`predict_uint8`. A version-2 model takes pixels, so ``batch`` is mapped back
+        to pixels and rounded to the nearest of the 256 grey levels: exact for images that
+        came from uint8 pixels, a rounding of at most half a grey level for any other.
+        """
+        batch = np.asarray(batch, dtype=np.float32)
+        self._check_shape(batch)
+        if self.input_dtype == "float32":
+            return self._run(np.ascontiguousarray(batch))
+        scale, shift = normalize_affine(self.preprocess.mean, self.preprocess.std)
+        pixels = (batch - shift.reshape(1, -1, 1, 1)) / scale.reshape(1, -1, 1, 1)
+        return self._run(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+    def _run(self, model_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = self.session.run(["logits", "features"], {self.input_name: model_input})
+        return logits, features
 
     def _check_shape(self, batch: np.ndarray) -> None:
         expected = (self.preprocess.channels, *self.preprocess.input_size)
@@ -259,7 +307,7 @@ def derive_bundle(
     ``metrics`` and ``parity`` described its own model, so they are dropped unless ``updates``
     gives new ones. Its other listed files (OOD, drift statistics) are copied unchanged and
     re-checked against its hashes. The new model must load in ONNX Runtime with the parent's
-    input name and the ``logits`` and ``features`` outputs. The folder is built as a hidden
+    input name and dtype and the ``logits`` and ``features`` outputs. The folder is built as a hidden
     sibling and moved into place when complete; on failure it is removed and an existing
     bundle at ``out_dir`` is left as it was.
 
@@ -277,7 +325,7 @@ def derive_bundle(
         _copy_companion_files(parent, tmp)
         data = model if isinstance(model, bytes) else Path(model).read_bytes()
         atomic_write_bytes(tmp / MODEL_FILE, data)
-        _check_derived_model(tmp / MODEL_FILE, parent.input_name)
+        _check_derived_model(tmp / MODEL_FILE, parent.input_name, parent.input_dtype)
         manifest = copy.deepcopy(parent.manifest)
         manifest.pop("parity", None)
         manifest["metrics"] = {}
@@ -322,8 +370,8 @@ def _copy_companion_files(parent: Bundle, tmp: Path) -> None:
         atomic_write_bytes(_listed_file(tmp, name, parent.path), data)
 
 
-def _check_derived_model(path: Path, input_name: str) -> None:
-    """The derived model must load and keep the bundle's input and ``logits``/``features`` outputs."""
+def _check_derived_model(path: Path, input_name: str, input_dtype: str) -> None:
+    """The derived model must load and keep the bundle's input (name and dtype) and outputs."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -338,6 +386,12 @@ def _check_derived_model(path: Path, input_name: str) -> None:
         raise ArtifactError(
             f"derived {MODEL_FILE}: needs input {input_name!r} and outputs logits, features; "
             f"has inputs {inputs} and outputs {sorted(outputs)}"
+        )
+    found = session.get_inputs()[0].type
+    if found != INPUT_DTYPES[input_dtype]:
+        raise ArtifactError(
+            f"derived {MODEL_FILE}: input {input_name!r} is {found}, but the parent bundle's model "
+            f"takes {input_dtype} ({INPUT_DTYPES[input_dtype]}); a derived model must keep its input contract"
         )
 
 

@@ -1,5 +1,8 @@
 """Export a timm-style model to ONNX, check it against PyTorch, and write a bundle.
 
+The exported graph takes raw uint8 pixels (N, C, H, W) at the bundle's input size and
+normalises them itself (:class:`PixelInputModel`: Cast, Mul, Add, then the network), so
+a user of the bundle outside lensforge needs only the resize (bundle format version 2).
 The dynamo exporter (``torch.export`` based) is tried first: it is the maintained
 path, and in our measurements gives the same or faster ONNX Runtime latency; the
 legacy TorchScript exporter is used only when dynamo fails, and the manifest says
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lensforge.data.preprocess import Preprocess, normalize
+from lensforge.data.preprocess import Preprocess
 from lensforge.deploy.bundle import (
     BUNDLE_FORMAT,
     FORMAT_VERSION,
@@ -40,6 +43,7 @@ from lensforge.deploy.bundle import (
     is_bundle,
 )
 from lensforge.errors import ExportError, UsageError
+from lensforge.models.normalize import Normalize
 from lensforge.utils.io import atomic_write_json, replace_dir, staging_dir
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,24 @@ class LogitsAndFeatures(nn.Module):
         return self.model.get_classifier()(features), features
 
 
+class PixelInputModel(nn.Module):
+    """What a bundle's ``model.onnx`` computes: uint8 pixels (N, C, H, W) -> (logits, features).
+
+    The normalisation (:class:`~lensforge.models.normalize.Normalize`) sits in front of the
+    network as its own Cast, Mul and Add nodes, not folded into the first convolution: with
+    zero padding, folding would change the border outputs.
+    """
+
+    def __init__(self, model: nn.Module, pre: Preprocess) -> None:
+        super().__init__()
+        self.net = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
+        device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
+        self.normalize = Normalize(pre.mean, pre.std).to(device)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net(self.normalize(pixels))
+
+
 @dataclass(frozen=True)
 class ExportResult:
     """What :func:`export_onnx_result` made and how (recorded in the bundle manifest)."""
@@ -80,7 +102,8 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` to one self-contained ONNX file with a dynamic batch axis; returns its path.
 
-    Input "input" (float32, normalised, N x C x H x W); outputs "logits" and "features".
+    Input "input" (uint8 pixels, N x C x H x W, normalised inside the graph with ``pre``'s
+    mean and std); outputs "logits" and "features" (float32).
     """
     return export_onnx_result(model, pre, path, opset=opset).path
 
@@ -104,7 +127,7 @@ def export_onnx_result(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
+    wrapper = model if isinstance(model, PixelInputModel) else PixelInputModel(model, pre)
     tries = [True, False] if dynamo is None else [dynamo]
     causes: list[str] = []
     for use_dynamo in tries:
@@ -126,17 +149,18 @@ def export_onnx_result(
             seconds=seconds,
             fallback_reason=fallback,
         )
-    raise ExportError(f"cannot export {type(wrapper.model).__name__} to ONNX: {'; '.join(causes)}")
+    raise ExportError(f"cannot export {type(wrapper.net.model).__name__} to ONNX: {'; '.join(causes)}")
 
 
 def _export_to(
-    wrapper: LogitsAndFeatures, pre: Preprocess, path: Path, *, dynamo: bool, opset: int | None
+    wrapper: PixelInputModel, pre: Preprocess, path: Path, *, dynamo: bool, opset: int | None
 ) -> None:
     """One export attempt into a temp file, renamed over ``path`` only when complete."""
     device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     # batch 2, not 1: exporters may specialise a size-1 dimension to a constant
-    example = torch.randn(2, pre.channels, *pre.input_size, generator=generator).to(device)
+    shape = (2, pre.channels, *pre.input_size)
+    example = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(device)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -241,8 +265,11 @@ def check_parity(
 ) -> dict[str, Any]:
     """Run PyTorch and ONNX Runtime on the same images and compare logits and features.
 
-    The first image runs alone and the rest in batches of ``batch_size``, so a
-    batch axis that is not really dynamic fails here rather than in production.
+    PyTorch runs ``model`` on the images normalised by :class:`~lensforge.models.normalize.Normalize`;
+    ONNX Runtime runs the file on the uint8 images themselves, as a bundle is used, so the
+    normalisation inside the graph is checked too. The first image runs alone and the rest
+    in batches of ``batch_size``, so a batch axis that is not really dynamic fails here
+    rather than in production.
 
     Returns:
         {"max_abs_diff_logits", "max_abs_diff_features", "top1_agreement", "atol", "n_images"}.
@@ -252,7 +279,7 @@ def check_parity(
     """
     _check_images(images_uint8, pre)
     torch_out = _torch_outputs(model, images_uint8, pre, batch_size)
-    onnx_out = _onnx_outputs(Path(onnx_path), images_uint8, pre, batch_size)
+    onnx_out = _onnx_outputs(Path(onnx_path), images_uint8, batch_size)
     for name, ours, theirs in zip(OUTPUT_NAMES, torch_out, onnx_out):
         if ours.shape != theirs.shape:
             raise ExportError(
@@ -299,19 +326,18 @@ def _torch_outputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     wrapper = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
     device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
+    normalize = Normalize(pre.mean, pre.std).to(device)
     logits, features = [], []
     with _eval_mode(wrapper), torch.inference_mode():
         for part in _batches(len(images), batch_size):
-            x = torch.from_numpy(normalize(images[part], pre)).to(device)
+            x = normalize(torch.from_numpy(images[part]).to(device))
             out_logits, out_features = wrapper(x)
             logits.append(out_logits.float().cpu().numpy())
             features.append(out_features.float().cpu().numpy())
     return np.concatenate(logits), np.concatenate(features)
 
 
-def _onnx_outputs(
-    path: Path, images: np.ndarray, pre: Preprocess, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _onnx_outputs(path: Path, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -320,7 +346,7 @@ def _onnx_outputs(
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for part in _batches(len(images), batch_size):
-            out = session.run(list(OUTPUT_NAMES), {"input": normalize(images[part], pre)})
+            out = session.run(list(OUTPUT_NAMES), {"input": np.ascontiguousarray(images[part])})
             logits.append(out[0])
             features.append(out[1])
     except Exception as e:  # ORT has no common base exception
@@ -409,7 +435,7 @@ def _probe_dims(
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per-image logits and feature shapes; also checks the wrapper reproduces ``model(x)``."""
     device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
-    x = torch.from_numpy(normalize(images, pre)).to(device)
+    x = Normalize(pre.mean, pre.std).to(device)(torch.from_numpy(images).to(device))
     with _eval_mode(wrapper), torch.inference_mode():
         logits, features = wrapper(x)
         direct = wrapper.model(x)
@@ -447,7 +473,8 @@ def _manifest(
         "num_classes": len(class_names),
         "preprocess": pre.to_dict(),
         "inputs": [
-            {"name": "input", "shape": ["batch", pre.channels, *pre.input_size], "dtype": "float32"}
+            # raw pixels, channel order RGB (or L); the graph normalises them (format_version 2)
+            {"name": "input", "shape": ["batch", pre.channels, *pre.input_size], "dtype": "uint8"}
         ],
         "outputs": [
             {"name": "logits", "shape": ["batch", *logits_dims]},

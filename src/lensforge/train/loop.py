@@ -25,6 +25,7 @@ from torch import nn
 
 from lensforge.data.table import ImageTable
 from lensforge.errors import LensforgeError
+from lensforge.models.normalize import Normalize
 from lensforge.train.augment import AugmentPolicy, augment_batch, augment_uint8
 from lensforge.train.config import TrainConfig
 from lensforge.train.health import GradientHealthMonitor, HealthAction
@@ -69,6 +70,8 @@ class Batches:
         pre = self.table.preprocess
         self.mean = torch.tensor(pre.mean).view(1, -1, 1, 1).to(self.device)
         self.std = torch.tensor(pre.std).view(1, -1, 1, 1).to(self.device)
+        # augmentation works on [0, 1] pixels: normalise those, as the bundle's graph does uint8 ones
+        self.normalize = Normalize(pre.mean, pre.std, pixel_max=1.0).to(self.device)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -96,7 +99,7 @@ class Batches:
             x = pixels.to(self.device, non_blocking=True).float().div_(255)
             if augment:
                 x = augment_batch(x, policy, generator)
-            x = (x - self.mean) / self.std
+            x = self.normalize(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.targets[idx].to(self.device, non_blocking=True)
