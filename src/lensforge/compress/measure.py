@@ -37,7 +37,7 @@ class TestSet:
 
     def metrics(self, bundle_path: Path) -> dict[str, Any]:
         full = classification_metrics(self.logits(bundle_path), self.targets, self.class_names)
-        return {k: full[k] for k in ("accuracy", "macro_f1", "ece", "num_samples")}
+        return {k: full[k] for k in ("accuracy", "macro_f1", "ece", "num_samples", "chance_accuracy", "at_chance")}
 
 
 def load_test_set(run_dir: Path, split: str = "test") -> TestSet:

@@ -19,7 +19,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lensforge.compress.measure import TestSet, interleaved_latency, load_test_set
-from lensforge.errors import UsageError
+from lensforge.defaults import MAX_DROP_POINTS
+from lensforge.errors import ChanceLevelError, UsageError
+from lensforge.evaluate.metrics import chance_message
 from lensforge.utils.io import atomic_write_json
 
 # A variant must be clearly faster than its parent, or it only adds risk; sub-millisecond
@@ -44,7 +46,8 @@ class CompressConfig(BaseModel):
     quantize: tuple[Literal["int8", "fp16"], ...] = ()
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_images: int = Field(256, ge=8, le=100_000)
-    max_drop: float = Field(1.0, ge=0, le=100)  # accuracy points a variant may lose vs its parent
+    max_drop: float = Field(MAX_DROP_POINTS, ge=0, le=100)  # accuracy points a variant may lose vs its parent
+    allow_chance_parent: bool = False  # compress a parent that scores at chance level (--force)
     finetune_epochs: int = Field(5, ge=1, le=1000)
     threads: int | None = Field(None, ge=1, le=512)
 
@@ -198,8 +201,23 @@ def _make_variants(run_dir: Path, cfg: CompressConfig, test: TestSet, baseline: 
     return made
 
 
+def refuse_chance_parent(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Raise :class:`ChanceLevelError` when the run's bundle scores at chance level on its test split.
+
+    Compressing such a model only produces faster nonsense that every guard would accept
+    (nothing to lose); the caller overrides with ``allow_chance_parent`` (``--force``).
+    """
+    if metrics.get("at_chance"):
+        raise ChanceLevelError(f"run '{run_dir}': " + chance_message(metrics, "its bundle")
+                               + "; retrain it, or pass --force to compress it anyway")
+
+
 def compress(run_dir: str | Path, cfg: CompressConfig, *, console: Any = None) -> CompressResult:
-    """Make the variants ``cfg`` asks for, measure each on its artifact, and guard it."""
+    """Make the variants ``cfg`` asks for, measure each on its artifact, and guard it.
+
+    Raises:
+        ChanceLevelError: the parent scores at chance level (unless ``cfg.allow_chance_parent``).
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -212,7 +230,10 @@ def compress(run_dir: str | Path, cfg: CompressConfig, *, console: Any = None) -
         raise UsageError("--distill fine-tunes a pruned model: pass --prune RATIO too "
                          "(or train a small model with `lensforge train --teacher RUN`)")
     test = load_test_set(run_dir)
-    variants = _make_variants(run_dir, cfg, test, _baseline(run_dir, test), console)
+    baseline = _baseline(run_dir, test)
+    if not cfg.allow_chance_parent:
+        refuse_chance_parent(run_dir, baseline.metrics)
+    variants = _make_variants(run_dir, cfg, test, baseline, console)
     console.print(f"timing {len(variants)} bundles side by side (ONNX Runtime, batch 1) ...")
     for variant, latency in zip(variants, interleaved_latency([Path(v.bundle) for v in variants],
                                                               threads=cfg.threads)):

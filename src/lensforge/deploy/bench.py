@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -715,6 +716,21 @@ def _versions(backends: Iterable[str]) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return versions
+
+
+def backend_status() -> list[dict[str, Any]]:
+    """Each registered backend: ``{"name", "available", "version", "note"}`` (for `lensforge list backends`)."""
+    notes = {"torch": "a run's PyTorch model", "onnxruntime": "a bundle (model.onnx)",
+             "openvino": "a bundle, fp32 (extra: openvino)"}
+    rows = []
+    for name in BACKENDS.list():
+        try:
+            version: str | None = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = None
+        available = version is not None and importlib.util.find_spec(name) is not None
+        rows.append({"name": name, "available": available, "version": version, "note": notes.get(name, "")})
+    return rows
 
 
 # ---------------------------------------------------------------------------- validation
