@@ -104,7 +104,8 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
     val = result.splits.val if len(result.splits.val) else result.splits.train
     bundle_dir = write_bundle(result.model.cpu(), result.table.preprocess, result.table.class_names,
                               out_dir / "bundle", model_name=result.resolved.model_name,
-                              sample_images=result.table.images[val[:64]], task=result.table.task)
+                              sample_images=result.table.images[val[:64]], task=result.table.task,
+                              show_progress=show_progress)
     timings["export"] = time.perf_counter() - step
 
     # a model at chance level on validation gets no guardrails: nothing in it is worth guarding

@@ -144,7 +144,7 @@ def export(
 
     if format != "onnx":
         raise typer.BadParameter(f"unknown format {format!r} (only onnx for now)", param_hint="--format")
-    bundle = export_run(run, atol=atol, force=force)
+    bundle = export_run(run, atol=atol, force=force, show_progress=True)
     out.print(f"bundle: {bundle}")
 
 

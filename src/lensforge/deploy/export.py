@@ -45,6 +45,7 @@ from lensforge.deploy.bundle import (
 from lensforge.errors import ExportError, UsageError
 from lensforge.models.normalize import Normalize
 from lensforge.utils.io import atomic_write_json, replace_dir, staging_dir
+from lensforge.utils.progress import StepProgress
 
 log = logging.getLogger(__name__)
 OUTPUT_NAMES = ("logits", "features")
@@ -375,12 +376,14 @@ def write_bundle(
     extra: dict[str, Any] | None = None,
     atol: float = 1e-3,
     opset: int | None = None,
+    show_progress: bool = False,
 ) -> Path:
     """Export, check parity on ``sample_images`` and write a verified bundle folder atomically.
 
     The bundle is built in a hidden sibling ``.bundle.tmp-*`` folder and moved into
     place only when complete; on any failure the temp folder is removed and an
-    existing bundle at ``out_dir`` is left untouched.
+    existing bundle at ``out_dir`` is left untouched. ``show_progress`` shows a bar over
+    the three steps (ONNX export, parity check, manifest) on stderr.
     """
     out_dir = Path(out_dir)
     class_names = _check_bundle_args(out_dir, class_names, sample_images, pre)
@@ -392,18 +395,22 @@ def write_bundle(
         )
     tmp = staging_dir(out_dir)
     try:
-        log.info("exporting %s to ONNX", model_name)
-        exported = export_onnx_result(wrapper, pre, tmp / MODEL_FILE, opset=opset)
-        log.info("checking ONNX against PyTorch on %d images", len(sample_images))
-        parity = check_parity(wrapper, exported.path, sample_images, pre, atol=atol)
-        manifest = _manifest(
-            task=task, model_name=model_name, class_names=class_names, pre=pre,
-            dims=(logits_dims, feature_dims), exported=exported, parity=parity,
-            metrics=metrics, extra=extra,
-        )  # fmt: skip
-        manifest["files"] = bundle_file_hashes(tmp)
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        replace_dir(tmp, out_dir)
+        with StepProgress("export", 3, enabled=show_progress) as advance:
+            log.info("exporting %s to ONNX", model_name)
+            exported = export_onnx_result(wrapper, pre, tmp / MODEL_FILE, opset=opset)
+            advance("parity check")
+            log.info("checking ONNX against PyTorch on %d images", len(sample_images))
+            parity = check_parity(wrapper, exported.path, sample_images, pre, atol=atol)
+            advance("manifest")
+            manifest = _manifest(
+                task=task, model_name=model_name, class_names=class_names, pre=pre,
+                dims=(logits_dims, feature_dims), exported=exported, parity=parity,
+                metrics=metrics, extra=extra,
+            )  # fmt: skip
+            manifest["files"] = bundle_file_hashes(tmp)
+            atomic_write_json(tmp / MANIFEST_NAME, manifest)
+            replace_dir(tmp, out_dir)
+            advance("done")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -41,7 +41,7 @@ def shipped_additions(bundle_dir: Path) -> list[str]:
 
 
 def export_run(run_dir: str | Path, *, atol: float = 1e-3, sample_images: np.ndarray | None = None,
-               force: bool = False) -> Path:
+               force: bool = False, show_progress: bool = False) -> Path:
     """Export the run's final model to ``RUN/bundle`` with a parity check on real images.
 
     A ``RUN/bundle`` that carries calibration or guardrails (as autopilot ships it) is not
@@ -70,4 +70,5 @@ def export_run(run_dir: str | Path, *, atol: float = 1e-3, sample_images: np.nda
                    "evaluated": saved.get("evaluated")}
     return write_bundle(run.model, run.preprocess, run.class_names, run_dir / "bundle",
                         model_name=run.info["model"], sample_images=images, task=run.info.get("task", "classification"),
-                        metrics=metrics, extra={"run": run.info.get("name"), "data": run.info.get("data")}, atol=atol)
+                        metrics=metrics, extra={"run": run.info.get("name"), "data": run.info.get("data")}, atol=atol,
+                        show_progress=show_progress)
