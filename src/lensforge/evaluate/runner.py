@@ -77,14 +77,14 @@ def open_target(path: Path, batch_size: int = 256, run_dir: str | Path | None = 
 def _torch_predictor(model: Any, pre: Preprocess, batch_size: int) -> Predictor:
     import torch
 
-    mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std).view(1, -1, 1, 1)
+    from lensforge.models.normalize import Normalize
+
+    normalize = Normalize(pre.mean, pre.std)
 
     @torch.no_grad()
     def predict(images: np.ndarray) -> np.ndarray:
         model.eval()
-        x = (torch.from_numpy(images).float() / 255 - mean) / std
-        return model(x).float().numpy()
+        return model(normalize(torch.from_numpy(images))).float().numpy()
 
     return predict
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lensforge.errors import UsageError
+from lensforge.models.normalize import Normalize
 from lensforge.registry import Registry
 
 Norm = Literal["linf", "l2"]
@@ -69,13 +70,10 @@ class PixelSpaceModel(nn.Module):
         super().__init__()
         self.model = model
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-                             persistent=False)
+        self.normalize = Normalize([float(v) for v in mean], [float(v) for v in std], pixel_max=1.0).to(device)
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        return self.model((images01 - self.mean) / self.std)
+        return self.model(self.normalize(images01))
 
 
 @contextlib.contextmanager
