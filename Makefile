@@ -1,10 +1,11 @@
 # Two commands do all set-up: `make demo` (the main job) and `make test` (the suite).
 # Both create or refresh the local virtual environment .venv with pip first.
+# `make test-quick` is the inner loop: the tests not marked slow (tests/conftest.py marks them), ~30 s on 2 cores.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-quick venv bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "lensforge needs Python 3.10 or newer"'
@@ -19,7 +20,10 @@ demo: venv
 	$(BIN)/lensforge autopilot
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+test-quick: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: venv
 	$(BIN)/python benchmarks/train_speed.py

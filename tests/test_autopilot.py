@@ -2,13 +2,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from lensforge.autopilot import autopilot
 from lensforge.deploy import load_bundle
 
 
-@pytest.mark.slow
 def test_autopilot_writes_summary_bundle_report_and_never_overwrites(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first = autopilot(epochs=4, show_progress=False, model="tinycnn_xs")
@@ -31,7 +28,6 @@ def test_autopilot_writes_summary_bundle_report_and_never_overwrites(tmp_path, m
     assert "guardrails" not in load_bundle(second.out / "bundle").manifest
 
 
-@pytest.mark.slow
 def test_budgeted_autopilot_ships_the_pick_with_its_own_guardrails(tmp_path):
     from lensforge.select import Budget, Candidate
 

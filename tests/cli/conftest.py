@@ -1,17 +1,18 @@
-"""A tiny run trained and exported through the console entry point, once per test module that asks for it."""
+"""The session's tiny digits run, copied once per CLI test module that asks for it."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
-from helpers import run
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Module-scoped: each module gets its own run, since its tests write variants and stress results into it."""
-    out = tmp_path_factory.mktemp("cli") / "run"
-    result = run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8", "--epochs", "3",
-                 "--out", str(out), "-q")
-    assert result.returncode == 0, result.stderr
-    assert run("export", str(out)).returncode == 0
-    return out
+def trained(digits_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tinycnn_xs on 8 px digits, 3 epochs, exported; each module writes variants and stress results into its copy.
+
+    Trained through the API (tests/conftest.py); ``train`` and ``export`` through the console
+    script are checked once, in test_cli.py.
+    """
+    return Path(shutil.copytree(digits_run_template, tmp_path_factory.mktemp("cli") / "run"))

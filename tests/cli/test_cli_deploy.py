@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from helpers import run
 
 
@@ -27,7 +26,6 @@ def test_compress_int8_prints_variants_and_reports(trained):
     assert bad.returncode == 2 and "quantize" in bad.stderr
 
 
-@pytest.mark.slow
 def test_autopilot_budget_not_met_says_by_how_much(tmp_path):
     result = run("autopilot", "--max-latency-ms", "0.000001", "--epochs", "1", "--out", str(tmp_path / "a"), "-q")
     assert result.returncode == 3

@@ -5,18 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from lensforge.deploy.from_run import export_run
 from lensforge.errors import DataError, UsageError
 from lensforge.evaluate import evaluate
 from lensforge.evaluate.metrics import classification_metrics, confident_mistakes
-from lensforge.train import resolve_config, train
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "run"
-    cfg = resolve_config(None, data="builtin:digits", model="tinycnn_xs", image_size=8, epochs=3, out=str(out))
-    return train(cfg, show_progress=False)
 
 
 def test_metrics_match_hand_computation():
@@ -36,10 +27,9 @@ def test_metrics_match_hand_computation():
 
 
 def test_run_and_bundle_agree_and_write_eval(digits_run):
-    run_dir = digits_run.run_dir
+    run_dir = digits_run  # the session's digits run (exported), copied for this module: evaluation writes into it
     torch_metrics = evaluate(run_dir, split="test").metrics
-    bundle = export_run(run_dir)
-    onnx_metrics = evaluate(bundle, split="test").metrics
+    onnx_metrics = evaluate(run_dir / "bundle", split="test").metrics
     assert torch_metrics["evaluated"] == "run" and onnx_metrics["evaluated"] == "bundle"
     assert onnx_metrics["num_samples"] == torch_metrics["num_samples"] == json.loads(
         (run_dir / "splits.json").read_text())["sizes"]["test"]
@@ -61,11 +51,11 @@ def test_foreign_data_needs_its_own_split_or_all(digits_run, tmp_path):
         for i in range(3):
             Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
     with pytest.raises(UsageError, match="--split all"):
-        evaluate(digits_run.run_dir, str(tmp_path / "foreign"), split="test", write=False)
-    result = evaluate(digits_run.run_dir, str(tmp_path / "foreign"), split="all", write=False)
+        evaluate(digits_run, str(tmp_path / "foreign"), split="test", write=False)
+    result = evaluate(digits_run, str(tmp_path / "foreign"), split="all", write=False)
     assert result.metrics["num_samples"] == 6 and len(result.metrics["confusion"]) == 10
     bad = tmp_path / "bad" / "cat"
     bad.mkdir(parents=True)
     Image.new("L", (8, 8)).save(bad / "0.png")
     with pytest.raises(DataError, match="not among the model's classes"):
-        evaluate(digits_run.run_dir, str(tmp_path / "bad"), split="all", write=False)
+        evaluate(digits_run, str(tmp_path / "bad"), split="all", write=False)

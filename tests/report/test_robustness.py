@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
-import pytest
+from helpers import slow_fixture
 
 from lensforge.report import RunFiles, write_report
 from lensforge.report.robustness import robustness_section
@@ -13,16 +15,13 @@ from lensforge.report.robustness import robustness_section
 PNG_URI = re.compile(r'src="data:image/png;base64,')
 
 
-@pytest.fixture(scope="module")
-def stressed_run(digits_run):
+@slow_fixture(scope="module")
+def stressed_run(guarded_digits_run_template, tmp_path_factory):
+    """The session's calibrated and guarded digits run, copied, then stressed and attacked."""
     from lensforge.stress.attacks_run import adversarial
-    from lensforge.stress.calibration import calibrate
-    from lensforge.stress.ood import fit_guardrails
     from lensforge.stress.suite import StressConfig, stress
 
-    out = digits_run
-    calibrate(out)
-    fit_guardrails(out, n_ood=64)
+    out = Path(shutil.copytree(guarded_digits_run_template, tmp_path_factory.mktemp("robustness") / "run"))
     stress(out / "bundle", cfg=StressConfig(max_images=60), compare=[], show_progress=False)
     adversarial(out / "bundle", attacks=("fgsm", "pgd-linf"), epsilons=(0, 2 / 255, 8 / 255), steps=2, max_images=40)
     (out / "stress" / "adapt.json").write_text(json.dumps({

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import LENSFORGE
+from helpers import LENSFORGE, slow_fixture
 from PIL import Image
 
 API_KEY_ENV = "LENSFORGE_TEST_API_KEY"
@@ -86,30 +87,23 @@ def running_server(bundle: Path, log_dir: Path, *args: str, env: dict[str, str] 
 
 
 @pytest.fixture(scope="session")
-def served_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tinycnn_xs digits bundle (8 px, grey) with temperature, OOD detector, quality checks and abstention."""
-    from lensforge.deploy.from_run import export_run
-    from lensforge.stress.calibration import calibrate
-    from lensforge.stress.ood import fit_guardrails
-    from lensforge.train import resolve_config, train
+def served_bundle(guarded_digits_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's guarded digits bundle: tinycnn_xs, 8 px grey, temperature, OOD detector, quality, abstention.
 
-    run_dir = tmp_path_factory.mktemp("serve") / "run"
-    train(resolve_config(None, data="builtin:digits", model="tinycnn_xs", image_size=8, epochs=2, out=str(run_dir)),
-          show_progress=False)
-    export_run(run_dir)
-    calibrate(run_dir)
-    fit_guardrails(run_dir, n_ood=64)
-    return run_dir / "bundle"
+    A copy of ``guarded_digits_run_template``, so the servers share no folder with other tests.
+    """
+    run_dir = shutil.copytree(guarded_digits_run_template, tmp_path_factory.mktemp("serve") / "run")
+    return Path(run_dir) / "bundle"
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def server(served_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The server with default settings and no API key."""
     with running_server(served_bundle, tmp_path_factory.mktemp("serve-logs")) as running:
         yield running
 
 
-@pytest.fixture(scope="session")
+@slow_fixture(scope="session")
 def auth_server(served_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A second server that wants ``API_KEY`` (from the env var named by ``--api-key-env``)."""
     with running_server(served_bundle, tmp_path_factory.mktemp("serve-auth-logs"), "--api-key-env", API_KEY_ENV,

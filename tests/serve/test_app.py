@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from digitnet import PRE, digitnet_bundle
 from fastapi.testclient import TestClient
+from helpers import slow_fixture, wait_for
 from PIL import Image
 
-from lensforge.data import open_source
-from lensforge.data.table import load_table
 from lensforge.deploy.bundle import load_bundle, update_bundle
 from lensforge.deploy.predict import softmax
 from lensforge.errors import ArtifactError, ConfigError, UsageError
@@ -40,15 +37,14 @@ GUARD_KEYS = {"ood", "low_confidence", "input_quality", "abstain"}
 
 
 @pytest.fixture(scope="module")
-def plain_bundle(tmp_path_factory) -> Path:
-    """A DigitNet bundle (8 px grey, 10 classes) with temperature 1.7 and no guardrails."""
-    digits = load_table(open_source("builtin:digits"), PRE)
-    path = digitnet_bundle(digits, tmp_path_factory.mktemp("serve") / "plain")
+def plain_bundle(digitnet_bundle_template, tmp_path_factory) -> Path:
+    """The session's DigitNet bundle (8 px grey, 10 classes), copied, with temperature 1.7 and no guardrails."""
+    path = shutil.copytree(digitnet_bundle_template, tmp_path_factory.mktemp("serve") / "plain")
     update_bundle(path, updates={"temperature": TEMPERATURE})
     return path
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def bundle(plain_bundle, tmp_path_factory) -> Path:
     """The same bundle with guardrails (OOD, quality, abstain and drift reference) fitted on digits."""
     from lensforge.stress.ood import fit_guardrails
@@ -63,10 +59,7 @@ def serving(bundle_path: Path, **options) -> Iterator[TestClient]:
     """A TestClient on a fresh app, once /readyz says ready (warm-up done)."""
     app = create_app(bundle_path, make_serve_config(options))
     with TestClient(app, raise_server_exceptions=False) as client:
-        for _ in range(400):
-            if client.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.01)
+        wait_for(lambda: client.get("/readyz").status_code == 200, timeout_s=30, what="/readyz says ready")
         yield client
 
 
@@ -80,13 +73,6 @@ def png(array: np.ndarray, **save) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", **save)
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def digits() -> list[tuple[np.ndarray, str]]:
-    """12 real 8x8 digits (uint8) with their labels."""
-    source = open_source("builtin:digits")
-    return [(source.arrays[i], source.class_names[source.records[i].target]) for i in range(-12, 0)]
 
 
 def as_files(blobs: list[bytes], field: str = "files") -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -436,13 +422,6 @@ def gated(service) -> Iterator[tuple[threading.Event, threading.Event]]:
     finally:
         gate.set()
         service.bundle.predict_uint8 = original
-
-
-def wait_for(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("max_batch, batches", [(32, 2), (1, 8)])

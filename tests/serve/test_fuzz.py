@@ -27,7 +27,6 @@ EXAMPLES_PER_OPERATION = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_no_generated_request_gets_a_server_error(server, mode):
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json", timeout=30)

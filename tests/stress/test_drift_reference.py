@@ -1,6 +1,6 @@
 """The drift reference: its pieces on known values, and fit_guardrails writing it into a real bundle.
 
-The bundle is a small network trained in-test on digits (as in test_ood.py); the monitor
+The bundle is the session's small network trained on digits (tests/digitnet.py); the monitor
 read back from the bundle must stay quiet on the test split and alarm on noise.
 """
 
@@ -11,7 +11,8 @@ import shutil
 
 import numpy as np
 import pytest
-from digitnet import PRE, digitnet_bundle
+from digitnet import PRE
+from helpers import slow_fixture
 
 from lensforge.data.sources import open_source
 from lensforge.data.splits import make_splits
@@ -88,9 +89,9 @@ def digits():
     return load_table(open_source("builtin:digits"), PRE)
 
 
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory, digits):
-    path = digitnet_bundle(digits, tmp_path_factory.mktemp("drift") / "bundle", steps=150)
+@slow_fixture(scope="module")
+def guarded(digitnet_bundle_template, tmp_path_factory):
+    path = shutil.copytree(digitnet_bundle_template, tmp_path_factory.mktemp("drift") / "bundle")
     fit_guardrails(path, "builtin:digits", detector="mahalanobis", ood_sets=["uniform_noise"], n_ood=32)
     return load_bundle(path)
 

@@ -1,6 +1,6 @@
-"""OOD detectors on a small CNN trained in-test on real digits, exported to a bundle.
+"""OOD detectors on a small network trained on real digits, exported to a bundle.
 
-The model is trained once per module (full-batch Adam, a few seconds) so the detectors
+The model is trained once per session (tests/digitnet.py, about a second) so the detectors
 see real, class-structured features; every detector is checked against pytorch-ood's
 own scores, and the feature-based ones must separate digits from noise and from shapes.
 """
@@ -13,7 +13,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from digitnet import FEATURES, PRE, digitnet_bundle
+from digitnet import FEATURES, PRE
+from helpers import slow_fixture
 
 from lensforge.data.preprocess import Preprocess
 from lensforge.data.sources import open_source
@@ -44,9 +45,12 @@ def digits() -> ImageTable:
 
 
 @pytest.fixture(scope="module")
-def digits_bundle(tmp_path_factory, digits):
-    """A DigitNet trained on the training split (the split fit_guardrails makes with seed 0)."""
-    return digitnet_bundle(digits, tmp_path_factory.mktemp("ood") / "bundle")
+def digits_bundle(digitnet_bundle_template):
+    """The session's DigitNet, trained on the training split (the split fit_guardrails makes with seed 0).
+
+    Read-only: tests that write into a bundle copy it first.
+    """
+    return digitnet_bundle_template
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +58,7 @@ def evaluation(digits_bundle, digits):
     return evaluate_ood(digits_bundle, digits, ["uniform_noise", "other_source", "textures"], n_ood=N_OOD)
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def guarded(digits_bundle, digits, tmp_path_factory):
     path = shutil.copytree(digits_bundle, tmp_path_factory.mktemp("guarded") / "bundle")
     report = fit_guardrails(path, "builtin:digits", n_ood=N_OOD)  # the same table and split as ``digits``

