@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,18 +65,7 @@ def test_soft_targets_agreement():
     assert soft_targets_agreement(TEACHER_LOGITS, TEACHER_LOGITS) == 1.0
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory) -> Path:
-    """A real (tiny, one-epoch) run on 8x8 grey digits, exported to its bundle."""
-    from lensforge.deploy.from_run import export_run
-    from lensforge.train import resolve_config, train
-
-    out = tmp_path_factory.mktemp("distill") / "run"
-    cfg = resolve_config(None, data="builtin:digits", model="tinycnn_xs", image_size=8, epochs=1,
-                         max_train_batches=2, out=str(out))
-    result = train(cfg, show_progress=False)
-    export_run(result.run_dir)
-    return Path(result.run_dir)
+# digits_run: the session's shared trained-and-exported digits run, copied per module (tests/conftest.py)
 
 
 DIGITS = [str(i) for i in range(10)]

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import require_extra
 from onnx import TensorProto, helper
 
 from lensforge.data.preprocess import Preprocess
@@ -29,10 +30,9 @@ from lensforge.deploy.bench import (
     time_calls,
 )
 from lensforge.deploy.export import write_bundle
-from lensforge.deploy.from_run import export_run
 from lensforge.errors import ArtifactError, UsageError
 from lensforge.models import create_model
-from lensforge.train import load_run, resolve_config, train
+from lensforge.train import load_run
 
 FAST = {"threads": 1, "warmup": 2, "min_iters": 3, "min_seconds": 0.02, "max_seconds": 2.0}
 
@@ -50,14 +50,9 @@ def tiny_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real trained run folder (digits, 8x8) with its exported bundle."""
-    out = tmp_path_factory.mktemp("run") / "digits"
-    cfg = resolve_config(None, data="builtin:digits", model="tinycnn_xs", image_size=8, epochs=1,
-                         max_train_batches=2, out=str(out))  # fmt: skip
-    run_dir = train(cfg, show_progress=False).run_dir
-    export_run(run_dir)
-    return run_dir
+def tiny_run(digits_run):
+    """A real trained run folder (digits, 8x8) with its exported bundle: the session's shared one, copied."""
+    return digits_run
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +246,7 @@ def test_missing_openvino_is_a_usage_error_with_the_install_hint(tiny_bundle, mo
 
 
 def test_openvino_matches_onnxruntime(tiny_bundle):
-    pytest.importorskip("openvino")
+    require_extra("openvino", "openvino")
     report = benchmark(tiny_bundle[0], backends=("onnxruntime", "openvino"), batches=(1, 3), **FAST)
     rows = [r for r in report.rows if r.backend == "openvino"]
     assert [r.batch for r in rows] == [1, 3] and all(r.precision == "fp32" for r in rows)
