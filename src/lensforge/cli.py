@@ -120,8 +120,13 @@ def evaluate(
     m = result.metrics
     if json_out:
         atomic_write_json(json_out, m)
+    uncalibrated = f" ({m['ece_uncalibrated']:.3f} uncalibrated)" if m.get("ece_uncalibrated") is not None else ""
     out.print(f"{m['evaluated']} '{target}' on {m['split']} ({m['num_samples']} images): accuracy {m['accuracy']:.2%}  "
-              f"macro-F1 {m['macro_f1']:.3f}  ECE {m['ece']:.3f}")
+              f"macro-F1 {m['macro_f1']:.3f}  ECE {m['ece']:.3f}{uncalibrated}")
+    if m.get("at_chance"):
+        from lensforge.evaluate.metrics import chance_message
+
+        err.print(f"[bold red]at chance level:[/] {escape(chance_message(m, 'this model'))}")
     worst = ", ".join(f"{c['name']} (recall {c['recall']:.0%})" for c in m["worst_classes"][:3])
     out.print(f"worst classes: {worst}")
     if result.path:

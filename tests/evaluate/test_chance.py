@@ -111,3 +111,9 @@ def test_select_leaves_chance_candidates_out(chance_run: Path):
         _options([chance_run], Budget(max_latency_ms=100), quantize=False, prune=None, threads=1,
                  console=Console(quiet=True), refused=refused)
     assert "most frequent class" in refused[chance_run.name]
+
+
+def test_evaluate_says_at_chance(chance_run: Path):
+    result = run("evaluate", str(chance_run / "bundle"))
+    assert result.returncode == 0, result.stderr
+    assert "at chance level" in result.stderr and "most frequent class" in result.stderr
