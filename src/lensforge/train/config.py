@@ -74,6 +74,9 @@ class TrainConfig(BaseModel):
     health_every: int = Field(10, ge=1)  # per-layer gradient norms every N steps
     tensorboard: bool = False
     max_train_batches: int | None = Field(None, ge=1)  # cap per epoch, for smoke tests
+    # wall-clock limit of the training loop (seconds): stop before an epoch that would not finish
+    # in time, keeping the best checkpoint; None = no limit (the epoch count alone decides)
+    time_limit_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

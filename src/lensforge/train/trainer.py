@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,13 +153,20 @@ def _initial_model(cfg: TrainConfig, model: nn.Module, table: ImageTable, init_m
     return model, []
 
 
+EpochCallback = Callable[[dict[str, Any]], None]  # called with each epoch's metrics row
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None, show_progress: bool = True,
-          init_model: nn.Module | None = None, structure: list[dict[str, Any]] | None = None) -> TrainResult:
+          init_model: nn.Module | None = None, structure: list[dict[str, Any]] | None = None,
+          on_epoch_end: EpochCallback | None = None) -> TrainResult:
     """Train a model as ``cfg`` says, writing the run folder ``cfg.out``.
 
     ``init_model`` starts from a given model instead of a fresh one (e.g. a pruned model to
     fine-tune); ``structure`` records how its shape differs from the registry's (see
     :func:`lensforge.train.run.apply_structure`) so the run can be loaded back.
+    ``on_epoch_end(row)`` is called with each epoch's metrics row after its checkpoint is
+    written (a tuner reports intermediate values there; an exception it raises stops training).
+    With ``cfg.time_limit_s``, training stops before an epoch that would not finish in time.
     """
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -193,7 +201,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
                       int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device, mixup, ema,
                       _make_teacher(cfg, table, resolved.device), train_batches.unnormalize,
                       make_adversary(cfg, train_batches))
-    _fit(ctx, train_batches, val_batches, resolved, console, show_progress)
+    _fit(ctx, train_batches, val_batches, resolved, console, show_progress, on_epoch_end)
     timings["train"] = time.perf_counter() - started - timings["data"]
     final = _finish(ctx, resolved, table, timings)
     return TrainResult(Path(cfg.out), final, table, splits, state.history, state.best_val_acc, resolved, timings)
@@ -212,8 +220,9 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 
 def _fit(ctx: StepContext, train_batches: Batches, val_batches: Batches, resolved: Resolved,
-         console: Console, show_progress: bool) -> None:
+         console: Console, show_progress: bool, on_epoch_end: EpochCallback | None = None) -> None:
     cfg, state, run_dir = ctx.cfg, ctx.state, Path(ctx.cfg.out)
+    started, first_epoch = time.perf_counter(), state.epoch  # the time limit counts this session's epochs
     policy = policy_for(resolved.augment, resolved.image_size, resolved.hflip)
     good = {**snapshot(ctx.model, ctx.optimizer), "epoch": state.epoch}
     writer = _tensorboard(run_dir) if cfg.tensorboard else None
@@ -234,9 +243,23 @@ def _fit(ctx: StepContext, train_batches: Batches, val_batches: Batches, resolve
             _end_of_epoch(ctx, run_dir, writer)
             good = {**snapshot(ctx.model, ctx.optimizer), "epoch": state.epoch}
             bar.epoch_done(row, console)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
             if cfg.early_stopping and state.epoch - state.best_epoch >= cfg.early_stopping:
                 console.print(f"early stop: no val improvement for {cfg.early_stopping} epochs")
                 break
+            if _out_of_time(cfg, started, state.epoch - first_epoch, state.epoch < cfg.epochs):
+                console.print(f"time limit {cfg.time_limit_s:.0f}s: stopping after epoch {state.epoch} "
+                              f"of {cfg.epochs} (best epoch {state.best_epoch} is kept)")
+                break
+
+
+def _out_of_time(cfg: TrainConfig, started: float, epochs_done_here: int, more_to_go: bool) -> bool:
+    """True when another epoch, at this session's mean epoch time, would end past ``cfg.time_limit_s``."""
+    if cfg.time_limit_s is None or not more_to_go:
+        return False
+    elapsed = time.perf_counter() - started
+    return elapsed + elapsed / max(1, epochs_done_here) > cfg.time_limit_s
 
 
 def _end_of_epoch(ctx: StepContext, run_dir: Path, writer: Any) -> None:
