@@ -20,8 +20,9 @@ from typing import Any
 
 from rich.console import Console
 
-from lensforge.errors import ChanceLevelError
+from lensforge.errors import ChanceLevelError, UsageError
 from lensforge.evaluate.metrics import chance_level, chance_message
+from lensforge.planning import plan_run
 from lensforge.utils.io import atomic_write_json, fresh_dir
 
 DEFAULT_DATA = "builtin:digits"
@@ -52,6 +53,11 @@ class AutopilotResult:
             lines.append(f"guardrails shipped in the bundle: temperature {guards['temperature']:.2f}, OOD detector "
                          f"{guards['ood_detector']}, input-quality checks, abstain threshold"
                          + (f"; mean corruption error {stress:.1%} (quick suite)" if stress is not None else ""))
+        if s.get("budget_s"):
+            total, budget = s["timings_s"]["total"], s["budget_s"]
+            verdict = "within" if total <= budget else "[yellow]over[/]"
+            lines.append(f"time: {total:.0f} s, {verdict} the {budget:.0f} s budget "
+                         f"(planned {s['plan']['epochs']} epochs, ran {s.get('epochs_run', '?')})")
         if s.get("at_chance"):
             lines.append(f"[bold red]at chance level:[/] {s['diagnosis']}")
         lines.append(f"report:  {s['report']}\nbundle:  {s['bundle']}\nsummary: {self.out / 'summary.json'}")
@@ -66,27 +72,34 @@ class AutopilotResult:
 def autopilot(data: str | None = None, out: str | Path | None = None, *, model: str = "auto",
               epochs: int | None = None, seed: int = 0, console: Console | None = None,
               show_progress: bool = True, budget: Any = None, guardrails: bool = True,
-              **train_overrides: Any) -> AutopilotResult:
+              time_budget_s: float | None = None, **train_overrides: Any) -> AutopilotResult:
     """Run the whole chain on ``data`` (default ``builtin:digits``) into ``out`` (never overwritten).
 
     With a :class:`lensforge.select.Budget`, candidates are trained, compressed and measured, and
     the best artifact that fits is shipped (see :func:`lensforge.select.select`). A model at chance
     level gets no guardrails; the summary says ``at_chance`` with a diagnosis (the CLI exits with 4).
+    Without a latency/size budget the run is planned to fit ``time_budget_s`` (seconds; default:
+    what the data needs, within :data:`lensforge.planning.DEFAULT_BUDGET_S`), see
+    :func:`lensforge.planning.plan_run`; ``summary.json`` then has ``budget_s`` and ``plan``.
     """
     console = console or Console(stderr=True)
     out_dir = Path(out) if out is not None else fresh_dir("runs", "autopilot")
     if out is not None and (out_dir / "summary.json").exists():
         out_dir = fresh_dir(out_dir.parent, out_dir.name)
     if budget is not None:
+        if time_budget_s is not None:
+            raise UsageError("--time-budget cannot yet be combined with a latency/size budget; give one of them")
         return _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console,
                          guardrails=guardrails, show_progress=show_progress,
                          candidates=train_overrides.pop("candidates", None))
     return _single(data or DEFAULT_DATA, out_dir, model=model, epochs=epochs, seed=seed, console=console,
-                   show_progress=show_progress, guardrails=guardrails, **train_overrides)
+                   show_progress=show_progress, guardrails=guardrails, time_budget_s=time_budget_s,
+                   **train_overrides)
 
 
 def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: int, console: Console,
-            show_progress: bool, guardrails: bool = True, **train_overrides: Any) -> AutopilotResult:
+            show_progress: bool, guardrails: bool = True, time_budget_s: float | None = None,
+            **train_overrides: Any) -> AutopilotResult:
     from lensforge.deploy.export import write_bundle
     from lensforge.evaluate import evaluate
     from lensforge.report import write_report
@@ -96,6 +109,11 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
     cfg = resolve_config(None, data=data, model=model, out=str(out_dir),
                          epochs=epochs or DEFAULT_EPOCHS, seed=seed, **train_overrides)
     console.rule(f"[bold]lensforge autopilot[/]: {cfg.data} -> {out_dir}")
+    console.print("measuring this machine on the model and data (pilot) ...")
+    plan = plan_run(cfg, budget_s=time_budget_s, include_after=guardrails)
+    timings["plan"] = time.perf_counter() - started
+    console.print(plan.describe())
+    cfg = resolve_config(None, **{**cfg.model_dump(), "epochs": plan.epochs, "time_limit_s": plan.train_limit_s})
     result = train(cfg, console=console, show_progress=show_progress)
     timings.update({f"train_{k}" if k != "train" else k: v for k, v in result.timings_s.items()})
 
@@ -126,7 +144,7 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
     timings["report"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
     summary = {**_summary(cfg.data, result, test, bundle_dir, report, timings), "guardrails": shipped,
-               **_chance_verdict(test, out_dir)}
+               "budget_s": round(plan.budget_s, 1), "plan": plan.to_json(), **_chance_verdict(test, out_dir)}
     atomic_write_json(out_dir / "summary.json", summary)
     return AutopilotResult(out_dir, summary)
 
@@ -194,6 +212,7 @@ def _summary(data: str, result: Any, test: dict[str, Any], bundle: Path, report:
         "image_size": result.resolved.image_size,
         "run": str(result.run_dir),
         "metrics": {"test": _headline(test), "val": {"accuracy": result.best_val_acc}},
+        "epochs_run": len(result.history),
         "bundle": str(bundle),
         "report": str(report),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},

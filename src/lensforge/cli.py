@@ -312,6 +312,7 @@ def autopilot(
     max_size_mb: Annotated[float | None, typer.Option(help="Budget: model file size (MB).")] = None,
     max_drop: Annotated[float | None, typer.Option(help=f"Accuracy points a compressed variant may lose vs its parent (default {MAX_DROP_POINTS:g}).")] = None,
     no_guardrails: Annotated[bool, typer.Option("--no-guardrails", help="Skip calibration, OOD/quality guardrails and the quick stress suite.")] = False,
+    time_budget: Annotated[str | None, typer.Option("--time-budget", "-t", help="Wall-clock budget for the whole chain, e.g. 90s, 10m, 1h (default: what the data needs, 1-5 min); a pilot measures this machine and the epochs are planned to fit.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """The main job: split, pick a model, train, export, evaluate the bundle, ship its guardrails, stress it, report. No arguments needed.
@@ -320,6 +321,7 @@ def autopilot(
     compresses them, measures every artifact on this machine and ships the best one that fits.
     """
     from lensforge.autopilot import autopilot as autopilot_api
+    from lensforge.planning import parse_duration
     from lensforge.select import Budget
     from lensforge.train.config import make_config_of
 
@@ -328,7 +330,8 @@ def autopilot(
         budget = make_config_of(Budget, given(max_latency_ms=max_latency_ms, max_size_mb=max_size_mb,
                                               max_drop=max_drop))
     result = autopilot_api(data, out_dir, model=model, epochs=epochs, seed=seed, console=err,
-                           show_progress=not quiet, budget=budget, guardrails=not no_guardrails)
+                           show_progress=not quiet, budget=budget, guardrails=not no_guardrails,
+                           time_budget_s=parse_duration(time_budget))
     for line in result.summary_lines():
         out.print(line)
     result.raise_if_failed()
