@@ -101,6 +101,14 @@ def _autopilot_folder(workspace: Path, tmp_path: Path, plain: Path, images: Path
     assert (tmp_path / "runs" / "parts" / "summary.json").exists()
 
 
+def _autopilot_time_budget(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
+    write_image_folder(tmp_path / "path" / "to" / "images", classes=("ok", "scratch"), per_class=40, size=16)
+    result = _ok(run("autopilot", "--data", "path/to/images", "--time-budget", "10m", "-q", cwd=tmp_path), 0, 4)
+    summary = json.loads((tmp_path / "runs" / "autopilot" / "summary.json").read_text())
+    assert summary["budget_s"] == 600 and summary["plan"]["budget_given"]
+    assert "budget" in result.stdout
+
+
 def _autopilot_shapes(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     _ok(run("autopilot", "--data", "builtin:shapes?n=300&size=16", "--epochs", "1", "--no-guardrails", "-q",
             cwd=tmp_path), 0, 4)
@@ -269,6 +277,7 @@ def _serve(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
 EXAMPLES = {
     "lensforge autopilot": _autopilot,
     "lensforge autopilot --data path/to/images --out runs/parts": _autopilot_folder,
+    "lensforge autopilot --data path/to/images --time-budget 10m": _autopilot_time_budget,
     'lensforge autopilot --data "builtin:shapes?n=5000&size=32"': _autopilot_shapes,
     "lensforge autopilot --max-latency-ms 0.2 --max-size-mb 1 --max-drop 1": _autopilot_budget,
     "lensforge train --data SRC --model NAME --out runs/NAME": _train,
