@@ -73,3 +73,11 @@ def test_autopilot_records_its_budget_and_plan(tmp_path):
     config = (tmp_path / "a" / "config.yaml").read_text()
     assert "time_limit_s:" in config and "epochs: 3" in config
     assert any("budget" in line for line in result.summary_lines())
+
+
+def test_small_images_train_at_their_native_size():
+    from lensforge.train.setup import auto_image_size
+
+    assert auto_image_size("tinycnn_s", 28, None) == 28  # not upsampled to 32
+    assert auto_image_size("tinycnn_s", 8, None) == 16  # three pooling stages need some room
+    assert auto_image_size("tinycnn_s", 200, None) == 64
