@@ -104,6 +104,28 @@ def train(
     out.print(f"run: {result.run_dir}  best val acc {result.best_val_acc:.2%}  report: {report}")
 
 
+@app.command("lr-find")
+def lr_find(
+    config: Annotated[Path | None, typer.Argument(help="A run's config.yaml (or any training config); flags override it.")] = None,
+    data: DataOpt = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (default: the config's, or auto).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (the learning rate depends on it).")] = None,
+    steps: Annotated[int, typer.Option(min=10, help="Optimizer steps from --min-lr to --max-lr.")] = 100,
+    min_lr: Annotated[float, typer.Option(help="First learning rate.")] = 1e-6,
+    max_lr: Annotated[float, typer.Option(help="Last learning rate (the test stops earlier when the loss diverges).")] = 1.0,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for lr_find.json and lr_find.png.")] = Path("runs/lr-find"),
+) -> None:
+    """LR range test (Smith 2017): loss against an exponentially growing learning rate, with a suggested peak lr and its plot."""
+    from lensforge.train import resolve_config
+    from lensforge.train.lr_find import lr_find as lr_find_api
+
+    cfg = resolve_config(config, data=data, model=model, batch_size=batch_size)
+    result = lr_find_api(cfg, steps=steps, min_lr=min_lr, max_lr=max_lr, out=out_dir)
+    out.print(f"suggested peak learning rate {result.suggested_lr:.3g} for {result.model} at batch {result.batch_size} "
+              f"(loss lowest at {result.min_loss_lr:.3g}); train with --lr {result.suggested_lr:.2g}")
+    out.print(f"written: {result.path} and {out_dir / 'lr_find.png'}")
+
+
 @app.command()
 def evaluate(
     target: Annotated[Path, typer.Argument(help="Run folder or bundle folder.")],

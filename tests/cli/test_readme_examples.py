@@ -188,6 +188,12 @@ def _select(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     assert (tmp_path / "sel" / "selection.json").exists()
 
 
+def _lr_find(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
+    result = _ok(run("lr-find", str(plain / "config.yaml"), "--data", "builtin:digits", "--model", "tinycnn_xs",
+                     "--steps", "20", "--out", str(tmp_path / "lr")))
+    assert "suggested peak learning rate" in result.stdout and (tmp_path / "lr" / "lr_find.png").exists()
+
+
 def _train_teacher(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     _ok(run("train", "--teacher", str(plain / "bundle"), "--data", "builtin:digits", "--model", "tinycnn_xs",
             "--image-size", "8", "--epochs", "1", "--out", str(tmp_path / "student"), "-q"))
@@ -290,6 +296,7 @@ EXAMPLES = {
     "[--json OUT]": _bench,
     "lensforge compress RUN [--prune R] [--distill] [--quantize int8,fp16] [--max-drop P]": _compress,
     "lensforge select --data SRC --max-latency-ms X [--max-size-mb Y] [--candidates m@size,...]": _select,
+    "lensforge lr-find [CONFIG] [--data SRC] [--model NAME] [--steps 100]": _lr_find,
     "lensforge train --teacher RUN_OR_BUNDLE ...": _train_teacher,
     "lensforge stress RUN_OR_BUNDLE [--data SRC] [--suite quick\\|full] [--reference RUN] [--compare BUNDLE] "
     "[--json OUT]": _stress,
