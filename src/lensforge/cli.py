@@ -323,6 +323,42 @@ def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
     out.print(f"report: {write_report(run)}")
 
 
+class Pruner(str, Enum):
+    median = "median"
+    hyperband = "hyperband"
+    none = "none"
+
+
+@app.command()
+def tune(
+    data: DataOpt = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="'auto' (TinyCNN sizes searched for small images) or a model name (kept fixed).")] = "auto",
+    trials: Annotated[int, typer.Option(help="Trials the study should have (finished ones already in the storage count).")] = 20,
+    timeout: Annotated[str | None, typer.Option(help="Start no trial after this long: 90s, 30m, 1h or plain seconds.")] = None,
+    objectives: Annotated[str, typer.Option(help="accuracy, or accuracy with latency_ms and/or size_mb (then a Pareto front).")] = "accuracy",
+    study: Annotated[str | None, typer.Option(help="Study name (default: the --out folder's name); processes with the same name and storage share it.")] = None,
+    storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL (sqlite:///tune.db, postgresql://...) or journal file (default OUT/study.journal).")] = None,
+    pruner: Annotated[Pruner, typer.Option(help="Stop trials that fall behind after each epoch (single objective only).")] = Pruner.median,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per trial (default 10).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed and every trial's training seed (one split for all).")] = 0,
+    max_train_batches: Annotated[int | None, typer.Option(min=1, help="Cap batches per epoch (smoke tests).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Study folder (default runs/tune, -2, ...); the same --out resumes.")] = None,
+) -> None:
+    """Tune training hyperparameters with Optuna; writes best.yaml, trials.csv, tune.json and the best run and bundle."""
+    from lensforge.errors import UsageError
+    from lensforge.tune import parse_duration
+    from lensforge.tune import tune as tune_api
+
+    if trials < 1:
+        raise UsageError(f"--trials: {trials} is not at least 1")
+    result = tune_api(data or "builtin:digits", model=model, trials=trials, timeout_s=parse_duration(timeout),
+                      objectives=objectives, study=study, storage=storage, pruner=pruner.value, seed=seed,
+                      max_train_batches=max_train_batches, out=out_dir, console=err, **given(epochs=epochs))
+    out.print(result.table())
+    for line in result.summary_lines():
+        out.print(line, soft_wrap=True)
+
+
 @app.command()
 def autopilot(
     data: DataOpt = None,
@@ -681,6 +717,7 @@ _EXTRA_OF = {name: "train" for name in ("torch", "torchvision", "timm", "torchme
                                          "jinja2", "matplotlib", "sklearn", "scipy", "safetensors", "torch_pruning",
                                          "pytorch_ood")}
 _EXTRA_OF.update({name: "serve" for name in ("fastapi", "starlette", "uvicorn", "prometheus_client", "multipart")})
+_EXTRA_OF["optuna"] = "tune"
 
 
 if __name__ == "__main__":

@@ -188,6 +188,17 @@ def _select(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     assert (tmp_path / "sel" / "selection.json").exists()
 
 
+def _tune(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
+    """The README's tune commands in miniature (digits, 2 trials of 1 epoch), then training its best.yaml."""
+    result = _ok(run("tune", "--data", "builtin:digits", "--model", "tinycnn_xs", "--trials", "2", "--epochs", "1",
+                     "--max-train-batches", "2", "--timeout", "30m", "--objectives", "accuracy,latency_ms,size_mb",
+                     "--storage", f"sqlite:///{tmp_path / 'tune.db'}", "--out", "runs/tune", cwd=tmp_path))
+    assert "best config: runs/tune/best.yaml" in result.stdout
+    assert (tmp_path / "runs" / "tune" / "best" / "bundle" / "manifest.json").exists()
+    _ok(run("train", "--config", "runs/tune/best.yaml", "--out", "runs/tuned", "-q", cwd=tmp_path))
+    assert (tmp_path / "runs" / "tuned" / "model.safetensors").exists()
+
+
 def _lr_find(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     result = _ok(run("lr-find", str(plain / "config.yaml"), "--data", "builtin:digits", "--model", "tinycnn_xs",
                      "--steps", "20", "--out", str(tmp_path / "lr")))
@@ -296,6 +307,10 @@ EXAMPLES = {
     "[--json OUT]": _bench,
     "lensforge compress RUN [--prune R] [--distill] [--quantize int8,fp16] [--max-drop P]": _compress,
     "lensforge select --data SRC --max-latency-ms X [--max-size-mb Y] [--candidates m@size,...]": _select,
+    "lensforge tune --data SRC --trials N [--timeout 30m] [--objectives accuracy,latency_ms,size_mb] "
+    "[--storage URL] [--out TUNE]": _tune,
+    'lensforge tune --data "builtin:shapes?n=2000&size=32" --trials 20 --timeout 30m --out runs/tune': _tune,
+    "lensforge train --config runs/tune/best.yaml --out runs/tuned": _tune,
     "lensforge lr-find [CONFIG] [--data SRC] [--model NAME] [--steps 100]": _lr_find,
     "lensforge train --teacher RUN_OR_BUNDLE ...": _train_teacher,
     "lensforge stress RUN_OR_BUNDLE [--data SRC] [--suite quick\\|full] [--reference RUN] [--compare BUNDLE] "
