@@ -78,6 +78,7 @@ def train(
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log to TensorBoard.")] = None,
     max_train_batches: Annotated[int | None, typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes through torchrun (DDP); --batch-size stays the global batch.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a classifier into a run folder (checkpoints, metrics, health, report)."""
@@ -99,9 +100,17 @@ def train(
                          adv_eps=adv_eps, adv_steps=adv_steps)
     if resume and out_dir is None and config is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER", param_hint="--resume")
-    result = train_api(cfg, resume=resume, console=err, show_progress=not quiet)
-    report = write_report(result.run_dir)
-    out.print(f"run: {result.run_dir}  best val acc {result.best_val_acc:.2%}  report: {report}")
+    if nproc > 1:  # torchrun runs nproc copies of lensforge.train.distributed; rank 0 writes the run and report
+        from lensforge.report import REPORT_NAME
+        from lensforge.train.distributed import launch
+        from lensforge.train.run import read_run_info
+
+        run_dir = launch(cfg, nproc=nproc, resume=resume, quiet=quiet)
+        best_val_acc, report = read_run_info(run_dir)["best_val_acc"], run_dir / REPORT_NAME
+    else:
+        result = train_api(cfg, resume=resume, console=err, show_progress=not quiet)
+        run_dir, best_val_acc, report = result.run_dir, result.best_val_acc, write_report(result.run_dir)
+    out.print(f"run: {run_dir}  best val acc {best_val_acc:.2%}  report: {report}")
 
 
 @app.command("lr-find")

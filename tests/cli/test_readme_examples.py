@@ -140,6 +140,12 @@ def _train_resume(workspace: Path, tmp_path: Path, plain: Path, images: Path) ->
     _ok(run("train", "--resume", "--out", "runs/NAME", "-q", cwd=tmp_path))
 
 
+def _train_nproc(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
+    _ok(run("train", "--data", "builtin:digits", "--nproc", "2", "--out", "runs/ddp", "--model", "tinycnn_xs",
+            "--image-size", "8", "--epochs", "1", "--max-train-batches", "2", "-q", cwd=tmp_path))
+    assert json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())["processes"] == 2
+
+
 def _train_config(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     _ok(run("train", "--config", str(plain / "config.yaml"), "--out", "runs/NAME2", "--epochs", "1", "-q",
             cwd=tmp_path))
@@ -299,6 +305,7 @@ EXAMPLES = {
     "lensforge autopilot --max-latency-ms 0.2 --max-size-mb 1 --max-drop 1": _autopilot_budget,
     "lensforge train --data SRC --model NAME --out runs/NAME": _train,
     "lensforge train --resume --out runs/NAME": _train_resume,
+    "lensforge train --data builtin:digits --nproc 2 --out runs/ddp": _train_nproc,
     "lensforge train --config runs/NAME/config.yaml --out runs/NAME2": _train_config,
     "lensforge evaluate RUN_OR_BUNDLE [--data SRC] [--split test]": _evaluate,
     "lensforge export RUN --format onnx": _export,

@@ -5,8 +5,11 @@ augmentation, optionally the batch's adversarial version (``adv_train``),
 forward/backward, gradient-health check, clipping, a step of the optimiser at
 the scheduled learning rate, and EMA. Each epoch ends with
 validation, ``metrics.jsonl``, the best weights and a crash-safe checkpoint.
-All randomness of epoch *e* comes from generators seeded by (seed, e), and the
-global RNG states are checkpointed, so ``--resume`` continues exactly.
+All randomness of epoch *e* comes from generators seeded by (seed, e) (and the
+rank, for a data-parallel rank's augmentation), and the global RNG states are
+checkpointed, so ``--resume`` continues exactly. With several processes
+(:mod:`lensforge.train.distributed`) each rank trains on its shard of the epoch's
+order and the forward pass runs through DDP.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from lensforge.errors import LensforgeError
 from lensforge.models.normalize import Normalize
 from lensforge.train.augment import AugmentPolicy, augment_batch, augment_uint8
 from lensforge.train.config import TrainConfig
+from lensforge.train.distributed import DistContext
 from lensforge.train.health import GradientHealthMonitor, HealthAction
 from lensforge.train.optim import schedule_factor, set_lr
 
@@ -63,6 +67,8 @@ class Batches:
     batch_size: int
     device: torch.device
     channels_last: bool = False
+    rank: int = 0  # data-parallel ranks: each iterates its own shard of every epoch's order
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         self.images = torch.from_numpy(self.table.images[self.indices])
@@ -80,12 +86,29 @@ class Batches:
         """Normalised batch back to pixels in [0, 1] (what a teacher with other preprocessing needs)."""
         return x * self.std + self.mean
 
+    def shard_size(self) -> int:
+        """Images this rank iterates per epoch (all of them with one process)."""
+        return -(-len(self) // self.world_size)
+
+    def shard(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's part of an epoch's ``order``: every world_size-th index from ``rank``.
+
+        As ``DistributedSampler``: the order is first padded by wrapping to a multiple of
+        world_size, so every rank takes the same number of batches (DDP needs each rank
+        to step together); the shards are disjoint apart from those few repeats.
+        """
+        if self.world_size == 1:
+            return order
+        padded = torch.cat([order, order[:self.shard_size() * self.world_size - len(order)]])
+        return padded[self.rank::self.world_size]
+
     def drop_last(self, mixup: bool) -> bool:
         """Drop a ragged last training batch: mixup needs even batches, and tiny ones add noise."""
-        return mixup or len(self) > self.batch_size * 4
+        return mixup or self.shard_size() > self.batch_size * 4
 
     def num_batches(self, drop_last: bool) -> int:
-        n = len(self) // self.batch_size if drop_last else -(-len(self) // self.batch_size)
+        size = self.shard_size()
+        n = size // self.batch_size if drop_last else -(-size // self.batch_size)
         return max(1, n)
 
     def iterate(self, order: torch.Tensor | None = None, policy: AugmentPolicy | None = None,
@@ -190,6 +213,11 @@ class StepContext:
     teacher: Any = None  # callable: un-normalised [0, 1] batch -> teacher logits
     unnormalize: Any = None  # callable: normalised batch -> [0, 1] batch, for the teacher
     adversary: Adversary | None = None  # adversarial training: batch -> adversarial batch
+    dist: DistContext = field(default_factory=DistContext)  # this process's rank in a data-parallel job
+    ddp: nn.Module | None = None  # the DDP wrapper of ``model`` the forward pass runs through (several ranks)
+
+
+VERDICTS = (HealthAction.OK, HealthAction.SKIP, HealthAction.RESTORE)  # in rising severity
 
 
 def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int,
@@ -205,8 +233,9 @@ def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int,
             x = ctx.adversary(ctx.model, x, y, generator)
     if ctx.mixup is not None:
         x, y = ctx.mixup(x, y)
+    net = ctx.ddp if ctx.ddp is not None else ctx.model
     with autocast(ctx.device, ctx.amp):
-        logits = ctx.model(x)
+        logits = net(x)
         if ctx.teacher is not None:
             with torch.no_grad():
                 teacher_logits = ctx.teacher(ctx.unnormalize(x)).float()
@@ -215,6 +244,9 @@ def train_step(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, epoch: int,
             loss = ctx.criterion(logits.float(), y)
     loss.backward()
     action = ctx.monitor.after_backward(loss.detach(), step=ctx.state.step, epoch=epoch)
+    # DDP averaged the gradients, so a non-finite one is seen on every rank; agreeing on the
+    # verdict as well makes sure no rank steps while another skips or restores
+    action = VERDICTS[ctx.dist.max_int(VERDICTS.index(action))]
     if action is not HealthAction.OK:
         ctx.optimizer.zero_grad(set_to_none=True)
         return action, float("nan"), 0
@@ -266,7 +298,9 @@ def run_epoch(ctx: StepContext, batches: Batches, policy: AugmentPolicy, epoch: 
     """Train one epoch; returns train loss, accuracy and throughput."""
     ctx.model.train()
     generator = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + epoch)
-    order = torch.randperm(len(batches), generator=generator)
+    order = batches.shard(torch.randperm(len(batches), generator=generator))  # the same order on every rank
+    if batches.rank:  # other ranks augment differently; rank 0 keeps the 1-process stream
+        generator = torch.Generator().manual_seed(rank_seed(ctx.cfg.seed, epoch, batches.rank))
     drop_last = batches.drop_last(ctx.mixup is not None)
     seen, correct, loss_sum, counted = 0, 0, 0.0, 0
     start = time.perf_counter()
@@ -279,8 +313,15 @@ def run_epoch(ctx: StepContext, batches: Batches, policy: AugmentPolicy, epoch: 
         else:
             loss_sum, counted, correct = loss_sum + loss * len(y), counted + len(y), correct + hits
         seen += len(y)
-        if on_batch is not None:
-            on_batch(loss_sum / max(1, counted), correct / max(1, counted), seen / (time.perf_counter() - start))
+        if on_batch is not None:  # this rank's loss and accuracy; images/s of all ranks
+            on_batch(loss_sum / max(1, counted), correct / max(1, counted),
+                     seen * ctx.dist.world_size / (time.perf_counter() - start))
+    loss_sum, counted, correct, seen = ctx.dist.sum([loss_sum, counted, correct, seen])
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(1, counted), "train_acc": correct / max(1, counted),
             "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of a data-parallel rank's augmentation in ``epoch``: well mixed, so no two (epoch, rank) streams meet."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -27,6 +27,7 @@ from lensforge.train.checkpoint import (
 )
 from lensforge.train.config import TrainConfig, dump_config, load_config_file, make_config
 from lensforge.train.diagnosis import diagnose_fit
+from lensforge.train.distributed import DistContext
 from lensforge.train.health import GradientHealthMonitor
 from lensforge.train.loop import (
     Batches,
@@ -58,7 +59,8 @@ class TrainResult:
     timings_s: dict[str, float]
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
+def prepare_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """The config to train with (a resumed run's own), after refusing an ``--out`` that cannot be used."""
     run_dir = Path(cfg.out)
     saved = run_dir / "config.yaml"
     if resume:
@@ -167,23 +169,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     ``on_epoch_end(row)`` is called with each epoch's metrics row after its checkpoint is
     written (a tuner reports intermediate values there; an exception it raises stops training).
     With ``cfg.time_limit_s``, training stops before an epoch that would not finish in time.
+
+    In a data-parallel job (an initialised process group, see :mod:`lensforge.train.distributed`)
+    every rank calls this; each trains on its shard, and only rank 0 prints, writes the run
+    folder and calls ``on_epoch_end`` (the other ranks' results hold their last weights).
     """
+    dist = DistContext.current()
     console = console or Console(stderr=True)
+    if not dist.is_main:
+        console, show_progress = Console(stderr=True, quiet=True), False
     started = time.perf_counter()
-    cfg = _prepare_run_dir(cfg, resume)
+    cfg = prepare_run_dir(cfg, resume)
+    dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     source, table, splits, resolved, model = _load_data(cfg, console)
+    resolved.device = dist.place(resolved.device)
+    per_rank_batch = dist.per_rank_batch(resolved.batch_size)
     model, structure = _initial_model(cfg, model, table, init_model, structure, resume)
     timings = {"data": time.perf_counter() - started}
-    if not resume:
+    if not resume and dist.is_main:
         _write_run_header(cfg, source, table, splits, resolved, model)
-        update_run_info(Path(cfg.out), structure=structure, teacher=cfg.teacher)
+        update_run_info(Path(cfg.out), structure=structure, teacher=cfg.teacher, processes=dist.world_size)
     model.to(resolved.device)
     if resolved.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_batches = Batches(table, splits.train, resolved.batch_size, resolved.device, resolved.channels_last)
+    train_batches = Batches(table, splits.train, per_rank_batch, resolved.device, resolved.channels_last,
+                            rank=dist.rank, world_size=dist.world_size)
     val_batches = Batches(table, splits.val if len(splits.val) else splits.train, 256, resolved.device,
                           resolved.channels_last)
     backbone_scale = cfg.backbone_lr_scale if resolved.pretrained else 1.0
@@ -197,10 +210,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     if resume and (Path(cfg.out) / "checkpoints" / "latest.json").exists():
         state = _restore(Path(cfg.out), model, optimizer, ema, monitor)
         console.print(f"resuming [bold]{cfg.out}[/] after epoch {state.epoch}")
+        _note_other_process_count(Path(cfg.out), dist.world_size, console)
     ctx = StepContext(model, optimizer, criterion, monitor, cfg, state, steps_per_epoch * cfg.epochs,
                       int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device, mixup, ema,
                       _make_teacher(cfg, table, resolved.device), train_batches.unnormalize,
-                      make_adversary(cfg, train_batches))
+                      make_adversary(cfg, train_batches), dist)
     _fit(ctx, train_batches, val_batches, resolved, console, show_progress, on_epoch_end)
     timings["train"] = time.perf_counter() - started - timings["data"]
     final = _finish(ctx, resolved, table, timings)
@@ -219,36 +233,52 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     return LoopState(**ckpt.state["loop"])
 
 
+def _note_other_process_count(run_dir: Path, processes: int, console: Console) -> None:
+    """Resuming with another process count is valid, but the ranks' augmentation streams differ."""
+    from lensforge.train.run import read_run_info
+
+    before = read_run_info(run_dir).get("processes", 1)
+    if before != processes:
+        console.print(f"[yellow]note:[/] the run trained with {before} process(es) and resumes with {processes}: "
+                      f"the result is valid but not bit-identical to an uninterrupted run")
+
+
 def _fit(ctx: StepContext, train_batches: Batches, val_batches: Batches, resolved: Resolved,
          console: Console, show_progress: bool, on_epoch_end: EpochCallback | None = None) -> None:
-    cfg, state, run_dir = ctx.cfg, ctx.state, Path(ctx.cfg.out)
+    cfg, state, run_dir, main = ctx.cfg, ctx.state, Path(ctx.cfg.out), ctx.dist.is_main
     started, first_epoch = time.perf_counter(), state.epoch  # the time limit counts this session's epochs
     policy = policy_for(resolved.augment, resolved.image_size, resolved.hflip)
     good = {**snapshot(ctx.model, ctx.optimizer), "epoch": state.epoch}
-    writer = _tensorboard(run_dir) if cfg.tensorboard else None
+    writer = _tensorboard(run_dir) if cfg.tensorboard and main else None
     with TrainProgress(console, cfg.epochs, ctx.total_steps // cfg.epochs, enabled=show_progress) as bar:
         bar.start_at(state.epoch)
         for epoch in range(state.epoch, cfg.epochs):
             apply_transfer(ctx.model, resolved.transfer if resolved.pretrained else "full", epoch, cfg.epochs)
+            ctx.ddp = ctx.dist.wrap(ctx.model, ctx.ddp)
             row = run_epoch(ctx, train_batches, policy, epoch, good, on_batch=bar.batch)
             eval_model = ctx.ema.module if ctx.ema is not None else ctx.model
-            row["val_loss"], row["val_acc"] = evaluate_batches(eval_model, val_batches, resolved.amp)
+            # rank 0 validates the model it writes (see lensforge.train.distributed) and tells the others
+            val = evaluate_batches(eval_model, val_batches, resolved.amp) if main else (0.0, 0.0)
+            row["val_loss"], row["val_acc"] = ctx.dist.broadcast(val)
             row = {"epoch": epoch + 1, "step": state.step, **row,
                    "lr": ctx.optimizer.param_groups[-1]["lr"]}
             state.history.append(row)
             state.epoch = epoch + 1
             if row["val_acc"] > state.best_val_acc:
                 state.best_val_acc, state.best_epoch = row["val_acc"], epoch + 1
-                _save_weights(run_dir / "best.safetensors", eval_model)
-            _end_of_epoch(ctx, run_dir, writer)
+                if main:
+                    _save_weights(run_dir / "best.safetensors", eval_model)
+            if main:
+                _end_of_epoch(ctx, run_dir, writer)
             good = {**snapshot(ctx.model, ctx.optimizer), "epoch": state.epoch}
             bar.epoch_done(row, console)
-            if on_epoch_end is not None:
+            if on_epoch_end is not None and main:
                 on_epoch_end(row)
             if cfg.early_stopping and state.epoch - state.best_epoch >= cfg.early_stopping:
                 console.print(f"early stop: no val improvement for {cfg.early_stopping} epochs")
                 break
-            if _out_of_time(cfg, started, state.epoch - first_epoch, state.epoch < cfg.epochs):
+            out_of_time = _out_of_time(cfg, started, state.epoch - first_epoch, state.epoch < cfg.epochs)
+            if ctx.dist.broadcast([float(out_of_time)])[0]:  # rank 0's clock decides for every rank
                 console.print(f"time limit {cfg.time_limit_s:.0f}s: stopping after epoch {state.epoch} "
                               f"of {cfg.epochs} (best epoch {state.best_epoch} is kept)")
                 break
@@ -299,6 +329,8 @@ def _finish(ctx: StepContext, resolved: Resolved, table: ImageTable, timings: di
 
     run_dir, state = Path(ctx.cfg.out), ctx.state
     final = ctx.ema.module if ctx.ema is not None else ctx.model
+    if not ctx.dist.is_main:  # other ranks keep their last weights: on other nodes the run folder may not be there
+        return final.eval()
     final.load_state_dict(load_file(run_dir / "best.safetensors"))
     final.eval()
     _save_weights(run_dir / WEIGHTS_FILE, final)
