@@ -81,3 +81,13 @@ def test_small_images_train_at_their_native_size():
     assert auto_image_size("tinycnn_s", 28, None) == 28  # not upsampled to 32
     assert auto_image_size("tinycnn_s", 8, None) == 16  # three pooling stages need some room
     assert auto_image_size("tinycnn_s", 200, None) == 64
+
+
+def test_train_cli_plans_its_epochs_and_says_so(tmp_path):
+    result = run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8",
+                 "--time-budget", "10m", "--epochs", "2", "--out", str(tmp_path / "t"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert "planned 2 epochs of tinycnn_xs at 8 px" in result.stderr
+    assert "time_limit_s:" in (tmp_path / "t" / "config.yaml").read_text()
+    small = run("train", "--data", "builtin:digits", "--time-budget", "0.5s", "--out", str(tmp_path / "u"), "-q")
+    assert small.returncode == 3 and "too small" in small.stderr

@@ -79,6 +79,7 @@ def train(
     max_train_batches: Annotated[int | None, typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes through torchrun (DDP); --batch-size stays the global batch.")] = 1,
+    time_budget: Annotated[str | None, typer.Option("--time-budget", "-t", help="Wall-clock budget for data loading and training, e.g. 90s, 10m: a pilot measures this machine and the epochs are planned to fit (--epochs is the most).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a classifier into a run folder (checkpoints, metrics, health, report)."""
@@ -100,6 +101,12 @@ def train(
                          adv_eps=adv_eps, adv_steps=adv_steps)
     if resume and out_dir is None and config is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER", param_hint="--resume")
+    if time_budget is not None and not resume:
+        from lensforge.planning import parse_duration, plan_run
+
+        plan = plan_run(cfg, budget_s=parse_duration(time_budget), include_after=False)
+        err.print(plan.describe())
+        cfg = resolve_config(None, **{**cfg.model_dump(), "epochs": plan.epochs, "time_limit_s": plan.train_limit_s})
     if nproc > 1:  # torchrun runs nproc copies of lensforge.train.distributed; rank 0 writes the run and report
         from lensforge.report import REPORT_NAME
         from lensforge.train.distributed import launch
@@ -111,6 +118,9 @@ def train(
         result = train_api(cfg, resume=resume, console=err, show_progress=not quiet)
         run_dir, best_val_acc, report = result.run_dir, result.best_val_acc, write_report(result.run_dir)
     out.print(f"run: {run_dir}  best val acc {best_val_acc:.2%}  report: {report}")
+    for finding in json.loads((Path(run_dir) / "diagnosis.json").read_text()).get("fit", []):
+        if finding.get("kind") == "underfitting":  # includes a model at chance level: say it where it is seen
+            err.print(f"[yellow]underfitting:[/] {escape(finding['message'])}")
 
 
 @app.command("lr-find")
