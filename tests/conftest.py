@@ -29,6 +29,9 @@ TESTS_DIR = Path(__file__).parent
 EXPENSIVE_CALLS = (
     ("lensforge.train", "train"),
     ("lensforge.autopilot", "autopilot"),
+    ("lensforge.tune", "tune"),
+    ("lensforge.train.lr_find", "lr_find"),
+    ("lensforge.planning", "plan_run"),
     ("lensforge.select", "select"),
     ("lensforge.deploy.export", "export_onnx"),
     ("lensforge.deploy.export", "export_onnx_result"),

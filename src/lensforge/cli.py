@@ -335,6 +335,7 @@ def select(
 @app.command()
 def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
     """(Re)write RUN/report.html from the run's files."""
+    import lensforge.tune.section  # noqa: F401  (registers the Tuning section: a run tune made shows it)
     from lensforge.report import write_report
     from lensforge.train.run import read_run_info
 

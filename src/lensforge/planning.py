@@ -91,19 +91,24 @@ class Plan:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def parse_duration(text: str | float | int | None) -> float | None:
-    """``"90s"``, ``"10m"``, ``"1.5h"``, ``"1h30m"`` or plain seconds -> seconds; None stays None."""
-    if text is None or isinstance(text, (int, float)):
-        seconds = None if text is None else float(text)
+def parse_duration(text: str | float | int | None, option: str = "--time-budget") -> float | None:
+    """``"90s"``, ``"10m"``, ``"1.5h"``, ``"1h30m"`` or plain seconds -> seconds; None stays None.
+
+    ``option`` names the flag in the error message (``--time-budget``, ``--timeout``).
+    """
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
     else:
         cleaned = str(text).strip().lower().replace(" ", "")
         parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", cleaned)
         if not cleaned or parts is None or not any(parts.groups()):
-            raise UsageError(f"--time-budget: {text!r} is not a duration (e.g. 90s, 10m, 1h30m)")
+            raise UsageError(f"{option}: {text!r} is not a duration (e.g. 90s, 10m, 1h30m or plain seconds)")
         hours, minutes, secs = (float(g) if g else 0.0 for g in parts.groups())
         seconds = hours * 3600 + minutes * 60 + secs
-    if seconds is not None and not seconds > 0:
-        raise UsageError(f"--time-budget must be positive, not {text!r}")
+    if not seconds > 0:
+        raise UsageError(f"{option}: {text!r} must be more than 0 seconds")
     return seconds
 
 

@@ -5,13 +5,13 @@ Torch- and Optuna-free, so the CLI can check every option before anything heavy 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lensforge.errors import UsageError
+from lensforge.planning import parse_duration as _parse_duration
 
 if TYPE_CHECKING:
     from lensforge.train.config import TrainConfig  # imports torch (lensforge.train): only when needed
@@ -28,24 +28,11 @@ DEFAULT_PRUNE_AFTER_EPOCH = 2
 # training options the study sets for every trial (not searched, not in train_options)
 STUDY_OWNED = frozenset({"data", "out", "epochs", "seed"})
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$", re.IGNORECASE)
-_SECONDS_PER_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str | float | int | None, option: str = "--timeout") -> float | None:
-    """``"90s"``, ``"30m"``, ``"1.5h"`` or plain seconds (``"90"``, ``90``) -> seconds; None stays None."""
-    if text is None:
-        return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        match = _DURATION.match(str(text))
-        if match is None:
-            raise UsageError(f"{option}: {text!r} is not a duration (e.g. 90s, 30m, 1h or plain seconds)")
-        seconds = float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2).lower()]
-    if seconds <= 0:
-        raise UsageError(f"{option}: {text!r} must be more than 0 seconds")
-    return seconds
+    """``"90s"``, ``"30m"``, ``"1.5h"`` or plain seconds -> seconds (see :func:`lensforge.planning.parse_duration`)."""
+    return _parse_duration(text, option)
 
 
 class TuneConfig(BaseModel):
