@@ -102,10 +102,12 @@ def parse_duration(text: str | float | int | None, option: str = "--time-budget"
         seconds = float(text)
     else:
         cleaned = str(text).strip().lower().replace(" ", "")
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", cleaned)
-        if not cleaned or parts is None or not any(parts.groups()):
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)(s)?)?", cleaned)
+        # a bare number after hours or minutes ("1h30") is ambiguous: refused rather than guessed
+        if (not cleaned or parts is None or not any(parts.groups()[:3])
+                or (parts.group(3) and not parts.group(4) and (parts.group(1) or parts.group(2)))):
             raise UsageError(f"{option}: {text!r} is not a duration (e.g. 90s, 10m, 1h30m or plain seconds)")
-        hours, minutes, secs = (float(g) if g else 0.0 for g in parts.groups())
+        hours, minutes, secs = (float(g) if g else 0.0 for g in parts.groups()[:3])
         seconds = hours * 3600 + minutes * 60 + secs
     if not seconds > 0:
         raise UsageError(f"{option}: {text!r} must be more than 0 seconds")
