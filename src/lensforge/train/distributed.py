@@ -313,10 +313,14 @@ def _train_here(cfg: TrainConfig, *, resume: bool, quiet: bool) -> int:
     from lensforge.train.trainer import train
 
     result = train(cfg, resume=resume, console=Console(stderr=True), show_progress=not quiet)
-    if DistContext.current().is_main:
+    context = DistContext.current()
+    if context.is_main:
         from lensforge.report import write_report
 
         write_report(result.run_dir)
+    # every rank tears the process group down together: a rank that left while rank 0 was still
+    # writing the report sometimes aborted in gloo ("terminate called without an active exception")
+    context.barrier()
     return 0
 
 
