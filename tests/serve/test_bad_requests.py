@@ -341,5 +341,8 @@ def test_server_survived_the_corpus_without_a_server_error(server, predict_ok):
     metrics = httpx.get(server.url + "/metrics", timeout=10).text
     counts = [line for line in metrics.splitlines() if line.startswith("lensforge_requests_total{")]
     assert any('status="4' in line for line in counts), counts  # the refusals were counted...
-    assert not [line for line in counts if 'status="5' in line and float(line.split()[-1]) > 0], counts  # ...no 5xx
+    # ...and no 5xx; /readyz answers 503 by design until the warm-up inference passed (a slow start under load)
+    errors = [line for line in counts if 'status="5' in line and float(line.split()[-1]) > 0
+              and 'route="/readyz",status="503"' not in line]
+    assert not errors, counts
     assert "Traceback" not in server.log_tail(1_000_000), server.log_tail()
