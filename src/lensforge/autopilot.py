@@ -6,7 +6,10 @@ calibrate it (temperature scaling), fit its guardrails (OOD detector, input-qual
 reference, abstain threshold: they ship inside the bundle), run the quick corruption
 suite on it, write the report, and ``summary.json``. With a budget, candidates are
 trained and compressed first and the chosen artifact is shipped, with the same
-guardrails and quick suite fitted on its own outputs.
+guardrails and quick suite fitted on its own outputs. With ``tune_trials``, an Optuna
+study runs first inside the time budget (:mod:`lensforge.tune.budgeted`) and its best
+configuration replaces the default only if it holds on a second seed. With ``mlflow_uri``,
+the final training and the shipped bundle are logged to MLflow (:mod:`lensforge.train.tracking`).
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from lensforge.errors import ChanceLevelError, UsageError
 from lensforge.evaluate.metrics import chance_level, chance_message
 from lensforge.planning import plan_run
 from lensforge.utils.io import atomic_write_json, fresh_dir
+
+if TYPE_CHECKING:
+    from lensforge.train.tracking import Tracker
 
 DEFAULT_DATA = "builtin:digits"
 DEFAULT_EPOCHS = 30  # with early stopping; TinyCNN on digits converges in ~20
@@ -53,6 +60,8 @@ class AutopilotResult:
             lines.append(f"guardrails shipped in the bundle: temperature {guards['temperature']:.2f}, OOD detector "
                          f"{guards['ood_detector']}, input-quality checks, abstain threshold"
                          + (f"; mean corruption error {stress:.1%} (quick suite)" if stress is not None else ""))
+        if s.get("tune"):
+            lines.append(_tune_line(s["tune"]))
         if s.get("budget_s"):
             total, budget = s["timings_s"]["total"], s["budget_s"]
             verdict = "within" if total <= budget else "[yellow]over[/]"
@@ -72,7 +81,8 @@ class AutopilotResult:
 def autopilot(data: str | None = None, out: str | Path | None = None, *, model: str = "auto",
               epochs: int | None = None, seed: int = 0, console: Console | None = None,
               show_progress: bool = True, budget: Any = None, guardrails: bool = True,
-              time_budget_s: float | None = None, **train_overrides: Any) -> AutopilotResult:
+              time_budget_s: float | None = None, tune_trials: int | None = None, mlflow_uri: str | None = None,
+              **train_overrides: Any) -> AutopilotResult:
     """Run the whole chain on ``data`` (default ``builtin:digits``) into ``out`` (never overwritten).
 
     With a :class:`lensforge.select.Budget`, candidates are trained, compressed and measured, and
@@ -81,28 +91,48 @@ def autopilot(data: str | None = None, out: str | Path | None = None, *, model: 
     Without a latency/size budget the run is planned to fit ``time_budget_s`` (seconds; default:
     what the data needs, within :data:`lensforge.planning.DEFAULT_BUDGET_S`), see
     :func:`lensforge.planning.plan_run`; ``summary.json`` then has ``budget_s`` and ``plan``.
+    ``tune_trials`` (needs the ``tune`` extra) tunes first, see :mod:`lensforge.tune.budgeted`;
+    ``summary.json`` then has a ``tune`` block. ``mlflow_uri`` (the ``tracking`` extra) logs the
+    run to MLflow (:mod:`lensforge.train.tracking`); a URI that cannot be opened fails before any work.
     """
+    from lensforge.train.tracking import mlflow_tracking
+
     console = console or Console(stderr=True)
     out_dir = Path(out) if out is not None else fresh_dir("runs", "autopilot")
     if out is not None and (out_dir / "summary.json").exists():
         out_dir = fresh_dir(out_dir.parent, out_dir.name)
+    _check_options(budget, time_budget_s, tune_trials)
+    with mlflow_tracking(mlflow_uri, run_name=out_dir.name, command="autopilot", console=console) as tracker:
+        if budget is not None:
+            result = _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console,
+                               guardrails=guardrails, show_progress=show_progress,
+                               candidates=train_overrides.pop("candidates", None))
+        else:
+            result = _single(data or DEFAULT_DATA, out_dir, model=model, epochs=epochs, seed=seed, console=console,
+                             show_progress=show_progress, guardrails=guardrails, time_budget_s=time_budget_s,
+                             tune_trials=tune_trials, tracker=tracker, **train_overrides)
+        tracker.log_autopilot(result.summary, out_dir)
+    return result
+
+
+def _check_options(budget: Any, time_budget_s: float | None, tune_trials: int | None) -> None:
+    """Options that cannot work together, and a missing extra, fail before anything runs."""
+    if budget is not None and time_budget_s is not None:
+        raise UsageError("--time-budget cannot yet be combined with a latency/size budget; give one of them")
+    if tune_trials is None:
+        return
+    if tune_trials < 1:
+        raise UsageError(f"--tune: {tune_trials} is not at least 1")
     if budget is not None:
-        if time_budget_s is not None:
-            raise UsageError("--time-budget cannot yet be combined with a latency/size budget; give one of them")
-        return _budgeted(data or DEFAULT_DATA, out_dir, budget, epochs=epochs, seed=seed, console=console,
-                         guardrails=guardrails, show_progress=show_progress,
-                         candidates=train_overrides.pop("candidates", None))
-    return _single(data or DEFAULT_DATA, out_dir, model=model, epochs=epochs, seed=seed, console=console,
-                   show_progress=show_progress, guardrails=guardrails, time_budget_s=time_budget_s,
-                   **train_overrides)
+        raise UsageError("--tune cannot yet be combined with a latency/size budget; give one of them")
+    from lensforge.tune.study import import_optuna
+
+    import_optuna()  # without the tune extra: the CLI's install hint, before the pilot
 
 
 def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: int, console: Console,
             show_progress: bool, guardrails: bool = True, time_budget_s: float | None = None,
-            **train_overrides: Any) -> AutopilotResult:
-    from lensforge.deploy.export import write_bundle
-    from lensforge.evaluate import evaluate
-    from lensforge.report import write_report
+            tune_trials: int | None = None, tracker: Tracker, **train_overrides: Any) -> AutopilotResult:
     from lensforge.train import resolve_config, train
 
     started, timings = time.perf_counter(), {}
@@ -112,10 +142,50 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
     console.print("measuring this machine on the model and data (pilot) ...")
     plan = plan_run(cfg, budget_s=time_budget_s, include_after=guardrails)
     timings["plan"] = time.perf_counter() - started
+    budget_s, tuned = plan.budget_s, {}
+    if tune_trials:
+        cfg, plan, budget_s, tuned = _tune_first(cfg, plan, tune_trials, out_dir, console, started, guardrails)
+        timings["tune"] = tuned["time_s"]
     console.print(plan.describe())
     cfg = resolve_config(None, **{**cfg.model_dump(), "epochs": plan.epochs, "time_limit_s": plan.train_limit_s})
-    result = train(cfg, console=console, show_progress=show_progress)
+    tracker.log_config(cfg)
+    result = train(cfg, console=console, show_progress=show_progress, on_epoch_end=tracker.epoch_callback())
     timings.update({f"train_{k}" if k != "train" else k: v for k, v in result.timings_s.items()})
+    summary = _ship_single(cfg.data, result, out_dir, console, timings, seed, guardrails, show_progress, started)
+    summary.update({"budget_s": round(budget_s, 1), "plan": plan.to_json(), **({"tune": tuned} if tuned else {}),
+                    **_chance_verdict(summary["metrics"]["test"], out_dir)})
+    atomic_write_json(out_dir / "summary.json", summary)
+    return AutopilotResult(out_dir, summary)
+
+
+def _tune_first(cfg: Any, plan: Any, trials: int, out_dir: Path, console: Console, started: float,
+                include_after: bool) -> tuple[Any, Any, float, dict[str, Any]]:
+    """Tune inside the budget, re-check on a second seed, then plan the final training in the time left.
+
+    Returns the final training's config and plan, the whole run's budget and summary.json's ``tune`` block.
+    """
+    from lensforge.planning import BudgetTooSmall
+    from lensforge.tune.budgeted import share_budget, tune_then_recheck
+
+    share = share_budget(plan, trials, max_epochs=cfg.epochs)
+    console.print(share.describe(trials, cfg.seed))
+    outcome = tune_then_recheck(cfg, share, trials=trials, out=out_dir / "tune", console=console)
+    left_s = share.budget_s - (time.perf_counter() - started)
+    console.print(f"planning the final training in the {max(left_s, 0):.0f} s left (pilot) ...")
+    try:
+        final = plan_run(outcome.config, budget_s=max(left_s, 1.0), include_after=include_after)
+    except BudgetTooSmall:  # tuning overran its share: the final training still gets one epoch
+        console.print("[yellow]tuning took more than its share of the budget:[/] the final training gets one epoch")
+        final = plan_run(outcome.config.model_copy(update={"epochs": 1}), budget_s=None, include_after=include_after)
+    return outcome.config, final, share.budget_s, outcome.block
+
+
+def _ship_single(data: str, result: Any, out_dir: Path, console: Console, timings: dict[str, float], seed: int,
+                 guardrails: bool, show_progress: bool, started: float) -> dict[str, Any]:
+    """Export the trained run's bundle, ship its guardrails, evaluate it on the test split, write the report."""
+    from lensforge.deploy.export import write_bundle
+    from lensforge.evaluate import evaluate
+    from lensforge.report import write_report
 
     step = time.perf_counter()
     console.print("exporting the ONNX bundle and checking parity with PyTorch ...")
@@ -143,10 +213,16 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
     report = write_report(out_dir)
     timings["report"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
-    summary = {**_summary(cfg.data, result, test, bundle_dir, report, timings), "guardrails": shipped,
-               "budget_s": round(plan.budget_s, 1), "plan": plan.to_json(), **_chance_verdict(test, out_dir)}
-    atomic_write_json(out_dir / "summary.json", summary)
-    return AutopilotResult(out_dir, summary)
+    return {**_summary(data, result, test, bundle_dir, report, timings), "guardrails": shipped}
+
+
+def _tune_line(tune: dict[str, Any]) -> str:
+    """The tuning step in one line: what ran, how long, and whether its result was adopted and why."""
+    ran = tune.get("trials_run")
+    trials = f"{ran} of {tune['trials_requested']} trials" if ran is not None else f"{tune['trials_requested']} trials"
+    verdict = "adopted the tuned configuration" if tune["adopted"] else "kept the default configuration"
+    return (f"tuning: {trials} of {tune['trial_epochs']} epoch{'s' * (tune['trial_epochs'] != 1)} in "
+            f"{tune['time_s']:.0f} s; {verdict} ({escape(tune['reason'])}); study: {tune['study']}")
 
 
 def _guardrails_blocker(num_val: int) -> str | None:

@@ -14,7 +14,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -34,6 +34,10 @@ out = Console()
 
 DataOpt = Annotated[str | None, typer.Option(
     "--data", "-d", help="builtin:digits, builtin:shapes?n=5000&size=32, a folder (root/<class>/*.png) or a CSV/JSONL manifest.")]
+
+
+MLFLOW_HELP = ("Log params (the resolved config), per-epoch metrics and the run's files to MLflow at this tracking "
+               "URI: a folder or file: URI, sqlite:///mlflow.db or http(s)://SERVER. Needs the 'tracking' extra.")
 
 
 class BadImage(str, Enum):
@@ -80,12 +84,12 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes through torchrun (DDP); --batch-size stays the global batch.")] = 1,
     time_budget: Annotated[str | None, typer.Option("--time-budget", "-t", help="Wall-clock budget for data loading and training, e.g. 90s, 10m: a pilot measures this machine and the epochs are planned to fit (--epochs is the most).")] = None,
+    mlflow: Annotated[str | None, typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Train a classifier into a run folder (checkpoints, metrics, health, report)."""
-    from lensforge.report import write_report
     from lensforge.train import resolve_config
-    from lensforge.train import train as train_api
+    from lensforge.train.tracking import mlflow_tracking
     from lensforge.utils.io import fresh_dir
 
     if out_dir is None and not resume and (config is None or "out" not in load_yaml_keys(config)):
@@ -101,26 +105,42 @@ def train(
                          adv_eps=adv_eps, adv_steps=adv_steps)
     if resume and out_dir is None and config is None:
         raise typer.BadParameter("--resume needs --out RUN_FOLDER", param_hint="--resume")
-    if time_budget is not None and not resume:
-        from lensforge.planning import parse_duration, plan_run
+    # the tracking store is opened first: a --mlflow URI that cannot be opened fails before any work
+    with mlflow_tracking(mlflow, run_name=Path(cfg.out).name, command="train", console=err) as tracker:
+        if time_budget is not None and not resume:
+            from lensforge.planning import parse_duration, plan_run
 
-        plan = plan_run(cfg, budget_s=parse_duration(time_budget), include_after=False)
-        err.print(plan.describe())
-        cfg = resolve_config(None, **{**cfg.model_dump(), "epochs": plan.epochs, "time_limit_s": plan.train_limit_s})
+            plan = plan_run(cfg, budget_s=parse_duration(time_budget), include_after=False)
+            err.print(plan.describe())
+            cfg = resolve_config(None, **{**cfg.model_dump(), "epochs": plan.epochs,
+                                          "time_limit_s": plan.train_limit_s})
+        if not resume:  # a resumed run's config is its own config.yaml: logged from there at the end
+            tracker.log_config(cfg)
+        run_dir, best_val_acc, report = train_and_report(cfg, nproc=nproc, resume=resume, quiet=quiet,
+                                                         on_epoch_end=tracker.epoch_callback())
+        tracker.log_run(run_dir)
+    out.print(f"run: {run_dir}  best val acc {best_val_acc:.2%}  report: {report}")
+    for finding in json.loads((Path(run_dir) / "diagnosis.json").read_text()).get("fit", []):
+        if finding.get("kind") == "underfitting":  # includes a model at chance level: say it where it is seen
+            err.print(f"[yellow]underfitting:[/] {escape(finding['message'])}")
+
+
+def train_and_report(cfg: Any, *, nproc: int, resume: bool, quiet: bool,
+                     on_epoch_end: Any = None) -> tuple[Path, float, Path]:
+    """Train in this process, or in ``nproc`` through torchrun; (run folder, best val accuracy, report)."""
+    from lensforge.report import write_report
+    from lensforge.train import train as train_api
+
     if nproc > 1:  # torchrun runs nproc copies of lensforge.train.distributed; rank 0 writes the run and report
         from lensforge.report import REPORT_NAME
         from lensforge.train.distributed import launch
         from lensforge.train.run import read_run_info
 
+        # no live callback across processes: --mlflow logs the run's metrics.jsonl when it ends
         run_dir = launch(cfg, nproc=nproc, resume=resume, quiet=quiet)
-        best_val_acc, report = read_run_info(run_dir)["best_val_acc"], run_dir / REPORT_NAME
-    else:
-        result = train_api(cfg, resume=resume, console=err, show_progress=not quiet)
-        run_dir, best_val_acc, report = result.run_dir, result.best_val_acc, write_report(result.run_dir)
-    out.print(f"run: {run_dir}  best val acc {best_val_acc:.2%}  report: {report}")
-    for finding in json.loads((Path(run_dir) / "diagnosis.json").read_text()).get("fit", []):
-        if finding.get("kind") == "underfitting":  # includes a model at chance level: say it where it is seen
-            err.print(f"[yellow]underfitting:[/] {escape(finding['message'])}")
+        return run_dir, read_run_info(run_dir)["best_val_acc"], run_dir / REPORT_NAME
+    result = train_api(cfg, resume=resume, console=err, show_progress=not quiet, on_epoch_end=on_epoch_end)
+    return result.run_dir, result.best_val_acc, write_report(result.run_dir)
 
 
 @app.command("lr-find")
@@ -391,12 +411,15 @@ def autopilot(
     max_drop: Annotated[float | None, typer.Option(help=f"Accuracy points a compressed variant may lose vs its parent (default {MAX_DROP_POINTS:g}).")] = None,
     no_guardrails: Annotated[bool, typer.Option("--no-guardrails", help="Skip calibration, OOD/quality guardrails and the quick stress suite.")] = False,
     time_budget: Annotated[str | None, typer.Option("--time-budget", "-t", help="Wall-clock budget for the whole chain, e.g. 90s, 10m, 1h (default: what the data needs, 1-5 min); a pilot measures this machine and the epochs are planned to fit.")] = None,
+    tune: Annotated[int | None, typer.Option("--tune", metavar="N", help="First run N Optuna trials inside the time budget (as much time as the final training: half of a --time-budget's training time, else added to the default budget), re-check the best against the default on a second seed, and train the final model with it only if it holds there. Needs the 'tune' extra.")] = None,
+    mlflow: Annotated[str | None, typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP + " For autopilot also the bundle and summary.json.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """The main job: split, pick a model, train, export, evaluate the bundle, ship its guardrails, stress it, report. No arguments needed.
 
     With a budget (--max-latency-ms / --max-size-mb / --max-drop) it trains several candidates,
     compresses them, measures every artifact on this machine and ships the best one that fits.
+    With --tune N it tunes the training options first, inside the time budget.
     """
     from lensforge.autopilot import autopilot as autopilot_api
     from lensforge.planning import parse_duration
@@ -409,7 +432,7 @@ def autopilot(
                                               max_drop=max_drop))
     result = autopilot_api(data, out_dir, model=model, epochs=epochs, seed=seed, console=err,
                            show_progress=not quiet, budget=budget, guardrails=not no_guardrails,
-                           time_budget_s=parse_duration(time_budget))
+                           time_budget_s=parse_duration(time_budget), tune_trials=tune, mlflow_uri=mlflow)
     for line in result.summary_lines():
         out.print(line)
     result.raise_if_failed()
@@ -738,6 +761,7 @@ _EXTRA_OF = {name: "train" for name in ("torch", "torchvision", "timm", "torchme
                                          "pytorch_ood")}
 _EXTRA_OF.update({name: "serve" for name in ("fastapi", "starlette", "uvicorn", "prometheus_client", "multipart")})
 _EXTRA_OF["optuna"] = "tune"
+_EXTRA_OF["mlflow"] = "tracking"
 
 
 if __name__ == "__main__":

@@ -109,6 +109,20 @@ def _autopilot_time_budget(workspace: Path, tmp_path: Path, plain: Path, images:
     assert "budget" in result.stdout
 
 
+def _autopilot_tune(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
+    """`--tune` and `--mlflow` together in miniature: 2 trials of 1 epoch within the README's 20 min budget."""
+    write_image_folder(tmp_path / "path" / "to" / "images", classes=("ok", "scratch"), per_class=40, size=16)
+    result = _ok(run("autopilot", "--data", "path/to/images", "--time-budget", "20m", "--tune", "2", "--epochs", "1",
+                     "--no-guardrails", "--mlflow", "file:./mlruns", "-q", cwd=tmp_path), 0, 4)
+    out = tmp_path / "runs" / "autopilot"
+    summary = json.loads((out / "summary.json").read_text())
+    tune = summary["tune"]
+    assert summary["budget_s"] == tune["budget_split_s"]["total"] == 1200 and tune["trials_run"] == 2
+    assert (out / "tune" / "best.yaml").is_file() and "tuning: 2 of 2 trials" in result.stdout
+    assert "tuning first: up to 2 trials" in result.stderr
+    assert len(list((tmp_path / "mlruns").rglob("bundle/manifest.json"))) == 1  # the bundle, as MLflow artifacts
+
+
 def _autopilot_shapes(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     _ok(run("autopilot", "--data", "builtin:shapes?n=300&size=16", "--epochs", "1", "--no-guardrails", "-q",
             cwd=tmp_path), 0, 4)
@@ -132,6 +146,13 @@ def _train(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
     _ok(run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--out", "runs/NAME", "--epochs", "1",
             "--image-size", "8", "-q", cwd=tmp_path))
     assert (tmp_path / "runs" / "NAME" / "model.safetensors").exists()
+
+
+def _train_mlflow(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
+    _ok(run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8", "--epochs", "2",
+            "--max-train-batches", "2", "--out", "runs/digits", "--mlflow", "file:./mlruns", "-q", cwd=tmp_path))
+    [val_acc] = (tmp_path / "mlruns").rglob("metrics/val_acc")  # MLflow's file store: one line per logged value
+    assert [line.split()[-1] for line in val_acc.read_text().splitlines()] == ["1", "2"]  # steps = epochs
 
 
 def _train_resume(workspace: Path, tmp_path: Path, plain: Path, images: Path) -> None:
@@ -303,6 +324,11 @@ EXAMPLES = {
     "lensforge autopilot --data path/to/images --time-budget 10m": _autopilot_time_budget,
     'lensforge autopilot --data "builtin:shapes?n=5000&size=32"': _autopilot_shapes,
     "lensforge autopilot --max-latency-ms 0.2 --max-size-mb 1 --max-drop 1": _autopilot_budget,
+    "lensforge autopilot --data path/to/images --time-budget 20m --tune 20": _autopilot_tune,
+    "lensforge autopilot --data path/to/images --mlflow file:./mlruns": _autopilot_tune,
+    "lensforge autopilot --tune N [--time-budget 10m] [--mlflow URI]": _autopilot_tune,
+    "lensforge train --data SRC --mlflow URI": _train_mlflow,
+    "lensforge train --data builtin:digits --out runs/digits --mlflow file:./mlruns": _train_mlflow,
     "lensforge train --data SRC --model NAME --out runs/NAME": _train,
     "lensforge train --resume --out runs/NAME": _train_resume,
     "lensforge train --data builtin:digits --nproc 2 --out runs/ddp": _train_nproc,

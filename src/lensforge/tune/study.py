@@ -71,7 +71,7 @@ def tune(data: str = "builtin:digits", *, model: str = "auto", trials: int = DEF
 
 def run_study(cfg: TuneConfig, *, space: SearchSpace | None = None, console: Console | None = None) -> TuneResult:
     """:func:`tune` on a ready-made config."""
-    optuna = _import_optuna()
+    optuna = import_optuna()
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -97,7 +97,8 @@ def run_study(cfg: TuneConfig, *, space: SearchSpace | None = None, console: Con
                       console=console, started=started)
 
 
-def _import_optuna() -> Any:
+def import_optuna() -> Any:
+    """Optuna, or ``ModuleNotFoundError(name="optuna")``: the CLI turns it into the install hint."""
     try:
         import optuna
     except ModuleNotFoundError as e:
