@@ -37,16 +37,34 @@ class Stage(nn.Module):
         return x
 
 
+class StridedStem(nn.Sequential):
+    """A ``k``x``k`` stride-2 convolution: the network starts at half resolution."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 3) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, k, stride=2, padding=(k - 1) // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
 class TinyCNN(nn.Module):
-    """Stem plus three downsampling stages, global average pooling, linear head."""
+    """Stem plus three downsampling stages, global average pooling, linear head.
+
+    ``stem="patch"`` (2x2) or ``"s2"`` (3x3) starts at half resolution with a stride-2 stem:
+    2.5-3.5x cheaper per training image on a CPU, but measured less accurate at equal epochs
+    (``benchmarks/cpu_recipe.py``, BENCHMARKS.md), so no registered model uses it; it stays
+    for that benchmark and for users who trade accuracy for speed (``TinyCNN(stem="s2")``).
+    """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, widths: tuple[int, int, int] = (32, 64, 128),
-                 depth: int = 1, drop_rate: float = 0.0) -> None:
+                 depth: int = 1, drop_rate: float = 0.0, stem: str = "conv", stem_width: int | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_features = widths[-1]
-        self.stem = ConvBN(in_chans, widths[0] // 2)
-        chans = [widths[0] // 2, *widths]
+        stem_width = stem_width or widths[0] // 2
+        if stem == "conv":
+            self.stem = ConvBN(in_chans, stem_width)
+        else:  # "patch": 2x2, "s2": 3x3, both stride 2
+            self.stem = StridedStem(in_chans, stem_width, 2 if stem == "patch" else 3)
+        chans = [stem_width, *widths]
         self.stages = nn.Sequential(*(Stage(chans[i], chans[i + 1], depth) for i in range(len(widths))))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(drop_rate)
