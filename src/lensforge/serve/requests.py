@@ -321,11 +321,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             for status in statuses}
 
 
-def predict_openapi(num_classes: int, max_images: int) -> dict[str, Any]:
-    """The request bodies and the 200 answer of ``POST /v1/predict`` (the route reads its body itself)."""
-    top_k = {"type": "integer", "minimum": 1, "maximum": num_classes}
+def _prediction_schema(num_classes: int) -> dict[str, Any]:
+    """One prediction row of the answer (the shape ``predict`` prints as a JSON line)."""
     probability = {"type": "number", "minimum": 0, "maximum": 1}
-    prediction = {
+    return {
         "type": "object",
         "required": ["name", "label", "class_index", "confidence", "top_k", "guardrails"],
         "properties": {
@@ -346,6 +345,12 @@ def predict_openapi(num_classes: int, max_images: int) -> dict[str, Any]:
                                "abstain": {"type": "boolean"}}},
         },
     }
+
+
+def predict_openapi(num_classes: int, max_images: int) -> dict[str, Any]:
+    """The request bodies and the 200 answer of ``POST /v1/predict`` (the route reads its body itself)."""
+    top_k = {"type": "integer", "minimum": 1, "maximum": num_classes}
+    prediction = _prediction_schema(num_classes)
     answer = {
         "type": "object",
         "required": ["model", "latency_ms", "predictions"],

@@ -641,9 +641,6 @@ def fit_guardrails(
         UsageError: an unknown detector or OOD set, or no data for a bundle outside a run.
     """
     from lensforge.stress.calibration import resolve_bundle
-    from lensforge.stress.drift_reference import fit_drift_reference
-    from lensforge.stress.quality import fit_quality
-    from lensforge.stress.selective import fit_abstain
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(resolve_bundle(bundle))
     _check_guardable(bundle, detector)
@@ -654,30 +651,41 @@ def fit_guardrails(
         evaluation = _evaluate(in_dist, ood_sets, detectors, split="val", n_ood=n_ood, seed=seed, options=options,
                                advance=advance)
         chosen = evaluation.best() if detector == "auto" else detector
-        val = in_dist.outputs("val")
-        abstain, selective = fit_abstain(val.logits, val.targets, temperature=bundle.temperature,
-                                         target_risk=target_risk)
-        advance("abstain threshold")
-        quality = fit_quality(in_dist.images("train"), bundle.preprocess.input_size,
-                              native_sides=_native_sides(in_dist), check_images=in_dist.images("val"))
-        advance("input-quality reference")
-        ood_entry = _ood_entry(evaluation, chosen, in_dist, seed)
-        drift = fit_drift_reference(in_dist.images("val"), val.logits, temperature=bundle.temperature,
-                                    ood_flags=evaluation.in_scores[chosen] > ood_entry["threshold"],
-                                    fitted_on={"data": in_dist.spec})
-        spec = {"version": 1, "ood": ood_entry, "quality": quality, "abstain": abstain}
-        update_bundle(bundle, files={OOD_FILE: params_to_npz(evaluation.detectors[chosen].params)},
-                      updates={GUARDRAILS_KEY: {**spec, "drift": drift} if drift else spec})
-        advance("written into the bundle")
+        fitted = _fit_and_write(bundle, in_dist, evaluation, chosen, target_risk, seed, advance)
     report = {"bundle": str(bundle.path), "data": in_dist.spec, **evaluation.report(), "chosen": chosen,
-              "threshold": ood_entry["threshold"], "gain_over_msp_auroc_points": _gain_over_msp(evaluation, chosen),
+              "threshold": fitted["ood"]["threshold"], "gain_over_msp_auroc_points": _gain_over_msp(evaluation, chosen),
               "in_distribution": {s: int(len(in_dist.indices(s))) for s in ("train", "val")},
-              "ood_sets": {name: n_ood for name in ood_sets}, "quality": quality, "abstain": abstain,
-              "selective": selective}
+              "ood_sets": {name: n_ood for name in ood_sets}, "quality": fitted["quality"],
+              "abstain": fitted["abstain"], "selective": fitted["selective"]}
     run = _run_dir_of(bundle, run_dir)
     if write and run is not None:
         atomic_write_json(run / "stress" / "ood.json", report)
     return report
+
+
+
+def _fit_and_write(bundle: Bundle, in_dist: Any, evaluation: Any, chosen: str, target_risk: float | None,
+                   seed: int, advance: Any) -> dict[str, Any]:
+    """Abstain threshold, input-quality and drift references, and the chosen detector, written into the bundle."""
+    from lensforge.stress.drift_reference import fit_drift_reference
+    from lensforge.stress.quality import fit_quality
+    from lensforge.stress.selective import fit_abstain
+
+    val = in_dist.outputs("val")
+    abstain, selective = fit_abstain(val.logits, val.targets, temperature=bundle.temperature, target_risk=target_risk)
+    advance("abstain threshold")
+    quality = fit_quality(in_dist.images("train"), bundle.preprocess.input_size,
+                          native_sides=_native_sides(in_dist), check_images=in_dist.images("val"))
+    advance("input-quality reference")
+    ood_entry = _ood_entry(evaluation, chosen, in_dist, seed)
+    drift = fit_drift_reference(in_dist.images("val"), val.logits, temperature=bundle.temperature,
+                                ood_flags=evaluation.in_scores[chosen] > ood_entry["threshold"],
+                                fitted_on={"data": in_dist.spec})
+    spec = {"version": 1, "ood": ood_entry, "quality": quality, "abstain": abstain}
+    update_bundle(bundle, files={OOD_FILE: params_to_npz(evaluation.detectors[chosen].params)},
+                  updates={GUARDRAILS_KEY: {**spec, "drift": drift} if drift else spec})
+    advance("written into the bundle")
+    return {"ood": ood_entry, "quality": quality, "abstain": abstain, "selective": selective}
 
 
 def _check_guardable(bundle: Bundle, detector: str) -> None:
