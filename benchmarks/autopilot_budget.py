@@ -55,8 +55,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60_000, help="images in the source")
     parser.add_argument("--size", type=int, default=28, help="image side in pixels")
     parser.add_argument("--factor", type=float, default=4.0, help="the longer run's budget, x the default")
+    parser.add_argument("--options", default="", help="more shapes options, e.g. 'domain=shifted' (harder data)")
     args = parser.parse_args()
-    data = f"builtin:shapes?n={args.n}&size={args.size}"
+    data = f"builtin:shapes?n={args.n}&size={args.size}" + (f"&{args.options}" if args.options else "")
     work = Path(tempfile.mkdtemp(prefix="lf-budget-"))
     try:
         default = autopilot(data, work / "default", None)

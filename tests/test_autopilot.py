@@ -37,3 +37,22 @@ def test_budgeted_autopilot_ships_the_pick_with_its_own_guardrails(tmp_path):
     shipped = result.summary["guardrails"]
     assert bundle.temperature == shipped["temperature"] != 1.0
     assert bundle.manifest["guardrails"]["ood"]["detector"] == shipped["ood_detector"]
+
+
+def test_autopilot_finds_a_learning_rate_for_a_timm_model_trained_from_scratch(tmp_path):
+    from lensforge.autopilot import LR_FIND_STEPS
+
+    result = autopilot("builtin:shapes?n=240&size=16", out=tmp_path / "r", model="resnet10t", epochs=1,
+                       show_progress=False, guardrails=False, max_train_batches=2)
+    found = result.summary["lr_find"]
+    assert found["lr"] > 0 and (tmp_path / "r" / "lr_find" / "lr_find.png").exists()
+    assert f"lr: {found['lr']}" in (tmp_path / "r" / "config.yaml").read_text()  # the run trained at it
+    assert LR_FIND_STEPS >= 10
+    from rich.console import Console
+
+    from lensforge.autopilot import _lr_find_first
+    from lensforge.train import resolve_config
+
+    quiet = Console(quiet=True)
+    for measured in ({"model": "tinycnn_xs"}, {"model": "resnet10t", "lr": 0.01}, {"model": "auto"}):
+        assert _lr_find_first(resolve_config(None, **measured), tmp_path / "x", quiet) == {}

@@ -83,6 +83,33 @@ def test_small_images_train_at_their_native_size():
     assert auto_image_size("tinycnn_s", 200, None) == 64
 
 
+def test_batch_size_follows_the_data_size_so_short_runs_take_enough_steps():
+    from lensforge.train import resolve_config
+    from lensforge.train.setup import MIN_STEPS_PER_EPOCH, auto_batch_size, batch_and_lr
+
+    assert auto_batch_size(60_000) == 128 and auto_batch_size(None) == 128
+    assert auto_batch_size(2_100) == 32  # builtin:shapes' 2,100 training images: 65 steps an epoch, not 16
+    assert auto_batch_size(100) == 32  # never below 32: the per-image cost rises on a CPU
+    for n in (1_700, 3_300, 6_500, 12_800):
+        batch = auto_batch_size(n)
+        assert n / batch >= MIN_STEPS_PER_EPOCH and (batch == 128 or n / (2 * batch) < MIN_STEPS_PER_EPOCH)
+    assert batch_and_lr(resolve_config(None), 2_100) == (32, pytest.approx(1e-3))  # AdamW lr ~ sqrt(batch)
+    assert batch_and_lr(resolve_config(None, batch_size=64, lr=0.01), 2_100) == (64, 0.01)  # given: kept
+    assert batch_and_lr(resolve_config(None, batch_size=64), 20)[0] == 20  # never more than the split
+
+
+def test_tinycnn_trains_channels_last_on_cpu_and_timm_models_keep_their_layout():
+    from lensforge.data.sources import open_source
+    from lensforge.train import resolve_config
+    from lensforge.train.setup import resolve
+
+    source = open_source("builtin:digits")
+    assert resolve(resolve_config(None, model="tinycnn_s", device="cpu"), source).channels_last
+    assert not resolve(resolve_config(None, model="tinycnn_s", device="cpu", channels_last="off"), source).channels_last
+    assert not resolve(resolve_config(None, model="resnet18", device="cpu"), source).channels_last
+    assert not resolve(resolve_config(None, model="tinycnn_s", device="cpu"), source).amp  # bf16: see BENCHMARKS
+
+
 def test_train_cli_plans_its_epochs_and_says_so(tmp_path):
     result = run("train", "--data", "builtin:digits", "--model", "tinycnn_xs", "--image-size", "8",
                  "--time-budget", "10m", "--epochs", "2", "--out", str(tmp_path / "t"), "-q")

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from lensforge.train.tracking import Tracker
 
 DEFAULT_DATA = "builtin:digits"
+LR_FIND_STEPS = 60  # range-test steps when autopilot trains a model with no measured default lr
 DEFAULT_EPOCHS = 30  # with early stopping; TinyCNN on digits converges in ~20
 
 
@@ -147,15 +148,36 @@ def _single(data: str, out_dir: Path, *, model: str, epochs: int | None, seed: i
         cfg, plan, budget_s, tuned = _tune_first(cfg, plan, tune_trials, out_dir, console, started, guardrails)
         timings["tune"] = tuned["time_s"]
     console.print(plan.describe())
-    cfg = resolve_config(None, **{**cfg.model_dump(), "epochs": plan.epochs, "time_limit_s": plan.train_limit_s})
+    lr_found = _lr_find_first(cfg, out_dir, console) if not tuned else {}
+    limit_s = plan.train_limit_s - lr_found.get("time_s", 0.0) if plan.train_limit_s else None
+    cfg = resolve_config(None, **{**cfg.model_dump(), "epochs": plan.epochs, "lr": lr_found.get("lr", cfg.lr),
+                                  "time_limit_s": max(limit_s, 1.0) if limit_s is not None else None})
     tracker.log_config(cfg)
     result = train(cfg, console=console, show_progress=show_progress, on_epoch_end=tracker.epoch_callback())
     timings.update({f"train_{k}" if k != "train" else k: v for k, v in result.timings_s.items()})
     summary = _ship_single(cfg.data, result, out_dir, console, timings, seed, guardrails, show_progress, started)
     summary.update({"budget_s": round(budget_s, 1), "plan": plan.to_json(), **({"tune": tuned} if tuned else {}),
+                    **({"lr_find": lr_found} if lr_found else {}),
                     **_chance_verdict(summary["metrics"]["test"], out_dir)})
     atomic_write_json(out_dir / "summary.json", summary)
     return AutopilotResult(out_dir, summary)
+
+
+def _lr_find_first(cfg: Any, out_dir: Path, console: Console) -> dict[str, Any]:
+    """An LR range test when the model is not one whose default learning rate we measured (a timm model
+    trained from scratch with no --lr): ``{"lr", "time_s", "plot"}``, or ``{}`` when not needed."""
+    from lensforge.models.registry import MODELS
+    from lensforge.train.lr_find import lr_find
+
+    if cfg.lr is not None or cfg.model == "auto" or cfg.model in MODELS or cfg.pretrained not in (None, "none"):
+        return {}
+    console.print(f"{cfg.model} has no measured default learning rate here: LR range test "
+                  f"({LR_FIND_STEPS} steps) ...")
+    step = time.perf_counter()
+    result = lr_find(cfg, steps=LR_FIND_STEPS, out=out_dir / "lr_find")
+    spent = time.perf_counter() - step
+    console.print(f"learning rate {result.suggested_lr:.3g} from the range test ({spent:.0f} s; plot {result.path})")
+    return {"lr": result.suggested_lr, "time_s": round(spent, 2), "plot": str(result.path)}
 
 
 def _tune_first(cfg: Any, plan: Any, trials: int, out_dir: Path, console: Console, started: float,

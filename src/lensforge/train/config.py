@@ -31,8 +31,9 @@ class TrainConfig(BaseModel):
     channels: Literal["auto", 1, 3] = "auto"
 
     epochs: int = Field(30, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1, le=65_536)
-    lr: float | None = Field(None, gt=0, le=10)  # None = 2e-3 for AdamW, 0.1 for SGD, per 128 images
+    # None = from the data size: enough optimizer steps per epoch for short runs (train/setup.py auto_batch_size)
+    batch_size: int | None = Field(None, ge=1, le=65_536)
+    lr: float | None = Field(None, gt=0, le=10)  # None = 2e-3 x sqrt(batch/128) for AdamW, 0.1 x batch/128 for SGD
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(0.05, ge=0, le=1)  # not applied to norms and biases
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -162,7 +162,7 @@ def usable_processes(device: str) -> tuple[int, str]:
         return os.cpu_count() or 1, "CPU cores"
 
 
-def check_launch(nproc: int, batch_size: int, device: str) -> None:
+def check_launch(nproc: int, batch_size: int | None, device: str) -> None:
     """Refuse, in one line, an ``--nproc`` this machine or this batch size cannot take."""
     import torch.distributed as dist
 
@@ -172,7 +172,7 @@ def check_launch(nproc: int, batch_size: int, device: str) -> None:
     limit, what = usable_processes(device)
     if nproc > limit:
         raise UsageError(f"--nproc {nproc} is more than the {limit} {what} here: use --nproc {max(1, limit)} or fewer")
-    if batch_size % nproc:
+    if batch_size is not None and batch_size % nproc:  # None: from the data size, a power of two
         raise UsageError(f"--batch-size {batch_size} is not divisible by --nproc {nproc}: the batch is global "
                          f"and each process takes batch_size / nproc")
 

@@ -60,7 +60,7 @@ def lr_find(cfg: Any, *, steps: int = 100, min_lr: float = 1e-6, max_lr: float =
     from lensforge.train.augment import policy_for
     from lensforge.train.loop import Batches
     from lensforge.train.optim import build_optimizer
-    from lensforge.train.setup import build_model, resolve
+    from lensforge.train.setup import batch_and_lr, build_model, resolve
 
     if not 0 < min_lr < max_lr:
         raise UsageError(f"lr-find needs 0 < --min-lr < --max-lr, got {min_lr:g} and {max_lr:g}")
@@ -72,12 +72,25 @@ def lr_find(cfg: Any, *, steps: int = 100, min_lr: float = 1e-6, max_lr: float =
     model, pre = build_model(resolved, len(source.class_names))
     table = load_table(source, pre, on_bad_image=cfg.on_bad_image)
     splits = make_splits(table, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    batch_size = min(resolved.batch_size, len(splits.train))
+    batch_size, _ = batch_and_lr(cfg, len(splits.train))
     batches = Batches(table, splits.train, batch_size, resolved.device, resolved.channels_last)
     model.to(resolved.device).train()
     optimizer = build_optimizer(model, cfg, min_lr, cfg.backbone_lr_scale if resolved.pretrained else 1.0)
     policy = policy_for(resolved.augment, resolved.image_size, resolved.hflip)
     generator = torch.Generator().manual_seed(cfg.seed)
+    lrs, losses = _sweep(model, optimizer, batches, policy, generator, cfg.label_smoothing, steps, min_lr, max_lr)
+    suggested, at_min = suggest(lrs, losses)
+    result = LrFindResult(lrs, losses, suggested, at_min, resolved.model_name, batch_size)
+    if out is not None:
+        result.path = _write(result, Path(out))
+    return result
+
+
+def _sweep(model: Any, optimizer: Any, batches: Any, policy: Any, generator: Any, label_smoothing: float,
+           steps: int, min_lr: float, max_lr: float) -> tuple[list[float], list[float]]:
+    """Train ``steps`` steps at exponentially rising learning rates; (lrs, smoothed losses) until divergence."""
+    import torch
+
     factor = (max_lr / min_lr) ** (1 / (steps - 1))
     lrs, losses, smooth, best = [], [], 0.0, math.inf
     step = 0
@@ -88,7 +101,7 @@ def lr_find(cfg: Any, *, steps: int = 100, min_lr: float = 1e-6, max_lr: float =
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("base_lr", min_lr) / min_lr
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             loss.backward()
             optimizer.step()
             value = float(loss.detach())
@@ -103,11 +116,7 @@ def lr_find(cfg: Any, *, steps: int = 100, min_lr: float = 1e-6, max_lr: float =
             best = min(best, debiased)
             if step >= steps:
                 break
-    suggested, at_min = suggest(lrs, losses)
-    result = LrFindResult(lrs, losses, suggested, at_min, resolved.model_name, batch_size)
-    if out is not None:
-        result.path = _write(result, Path(out))
-    return result
+    return lrs, losses
 
 
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, float]:

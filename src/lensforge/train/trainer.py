@@ -41,7 +41,7 @@ from lensforge.train.loop import (
 from lensforge.train.optim import apply_transfer, build_optimizer
 from lensforge.train.progress import TrainProgress
 from lensforge.train.run import WEIGHTS_FILE, now_iso, update_run_info, versions
-from lensforge.train.setup import Resolved, build_model, resolve
+from lensforge.train.setup import Resolved, batch_and_lr, build_model, resolve
 from lensforge.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -87,7 +87,7 @@ def _load_data(cfg: TrainConfig, console: Console) -> tuple[Any, ImageTable, Spl
         splits = load_splits(splits_path, table)
     else:
         splits = make_splits(table, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
-    resolved.batch_size = min(resolved.batch_size, len(splits.train))
+    resolved.batch_size, resolved.lr = batch_and_lr(cfg, len(splits.train))  # the split is known now
     return source, table, splits, resolved, model
 
 
