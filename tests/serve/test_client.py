@@ -83,10 +83,15 @@ def test_multipart_and_json_base64_agree(server, digits, png):
 
 
 def test_predict_remote_rows_match_local_predict(server, served_bundle, digits, png, tmp_path):
+    from lensforge.deploy.bundle import load_bundle
     from lensforge.deploy.predict import predict_files
 
+    threshold = load_bundle(served_bundle).manifest["guardrails"]["abstain"]["threshold"]
     for i, (array, label) in enumerate(digits[:5]):
         (tmp_path / f"{i}_{label}.png").write_bytes(png(array))
+    noise = np.random.default_rng(0).integers(0, 256, digits[0][0].shape, dtype=np.uint8)
+    (tmp_path / "9_noise.png").write_bytes(png(noise))  # out of distribution: both paths must abstain alike
+    (tmp_path / "9_dark.png").write_bytes(png(np.zeros_like(digits[0][0])))  # fails a quality check
     remote = list(predict_remote(server.url, tmp_path, top_k=3))
     local = list(predict_files(served_bundle, tmp_path, top_k=3))
     assert [row["path"] for row in remote] == [row["path"] for row in local]
@@ -96,6 +101,7 @@ def test_predict_remote_rows_match_local_predict(server, served_bundle, digits, 
         assert far["confidence"] == pytest.approx(near["confidence"], abs=1e-5)
         assert far["ood"] == near["ood"] and far["ood_score"] == pytest.approx(near["ood_score"], rel=1e-4, abs=1e-5)
         assert far["quality"] == near["quality"] and far["abstain"] == near["abstain"]
+        assert near["abstain"] == bool(near["ood"] or near["quality"] or near["confidence"] < threshold)
 
 
 def test_predict_remote_names_the_bad_file(server, digits, png, tmp_path):

@@ -251,7 +251,12 @@ class Guardrails:
         images: np.ndarray,
         original_sizes: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Per image: ``{"ood", "ood_score", "quality", "abstain"}`` for the parts fitted."""
+        """Per image: ``{"ood", "ood_score", "quality", "abstain"}`` for the parts fitted.
+
+        ``abstain`` is the one rule shared by local ``predict``, the server and the client: do not
+        trust this prediction because the image is out of distribution, fails an input-quality
+        check, or the calibrated confidence is below the fitted threshold.
+        """
         rows: list[dict[str, Any]] = [{} for _ in range(len(logits))]
         if self.ood is not None:
             for row, score in zip(rows, self.ood.scores(logits, features)):
@@ -261,7 +266,7 @@ class Guardrails:
                 row["quality"] = codes
         if self.abstain is not None:
             for row, confidence in zip(rows, self.abstain.confidence(logits)):
-                row["abstain"] = bool(confidence < self.abstain.threshold)
+                row["abstain"] = bool(confidence < self.abstain.threshold or row.get("ood") or row.get("quality"))
         return rows
 
 

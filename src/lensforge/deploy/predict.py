@@ -49,7 +49,8 @@ def predict_files(
     with ``on_bad_image="skip"`` an unreadable image gives ``{"path", "error"}`` instead.
     When the bundle has guardrails, rows also carry ``"ood"`` (bool), ``"ood_score"``
     (higher = more out-of-distribution), ``"quality"`` (failed check codes, e.g.
-    ``["too_dark"]``) and ``"abstain"`` (confidence below the fitted threshold).
+    ``["too_dark"]``) and ``"abstain"`` (out of distribution, a failed quality check, or confidence
+    below the fitted threshold: the server's rule, see :meth:`Guardrails.check`).
     Paths are checked before the first row, so a missing path raises at the call.
 
     Raises:
