@@ -5,7 +5,10 @@ its input size and batch on random pixels, and a forward pass for evaluation; de
 timed on a sample of the data. From those, the plan takes the epochs that fit what the
 budget leaves after data loading and the steps after training (export, evaluation,
 calibration, guardrails, quick stress suite, all on bounded subsamples), so the learning-rate
-schedule is built for the length that will really run. Training also gets a hard time limit
+schedule is built for the length that will really run. A pretrained backbone trained with
+``transfer: probe`` (:mod:`lensforge.train.probe`) first runs one forward pass over the
+training and validation images for its linear probe: the pilot times that pass too (at the
+probe's precision) and the plan reserves it before the epochs. Training also gets a hard time limit
 (``TrainConfig.time_limit_s``) in case the estimate was optimistic; the best epoch is kept.
 
 Written here rather than taken from a library: AutoGluon's ``time_limit`` and Ultralytics'
@@ -64,15 +67,16 @@ class Plan:
     pilot_s: float
     train_s: float  # planned training time: the epochs' steps and validation
     after_s: float  # export, evaluation, calibration, guardrails, stress
+    probe_s: float = 0.0  # the linear probe's forward pass over train + val (transfer: probe), before the epochs
 
     @property
     def total_s(self) -> float:
-        return self.pilot_s + self.data_s + self.train_s + self.after_s
+        return self.pilot_s + self.data_s + self.probe_s + self.train_s + self.after_s
 
     @property
     def train_limit_s(self) -> float:
         """The hard stop for the training loop: what the budget leaves after everything else."""
-        return max(self.train_s, self.budget_s - self.pilot_s - self.data_s - self.after_s)
+        return max(self.train_s, self.budget_s - self.pilot_s - self.data_s - self.probe_s - self.after_s)
 
     @property
     def epoch_s(self) -> float:
@@ -81,7 +85,8 @@ class Plan:
     def describe(self) -> str:
         """One line for people: what was planned, and against which budget."""
         why = "budget" if self.budget_given else "default budget for data of this size"
-        return (f"planned {self.epochs} epoch{'s' * (self.epochs != 1)} of {self.model} at {self.image_size} px "
+        probe = f"a linear probe (~{_human(self.probe_s)}) then " if self.probe_s else ""
+        return (f"planned {probe}{self.epochs} epoch{'s' * (self.epochs != 1)} of {self.model} at {self.image_size} px "
                 f"(batch {self.batch_size}, {self.num_train:,} training images): ~{_human(self.train_s)} training, "
                 f"~{_human(self.total_s)} in all ({why} {_human(self.budget_s)})")
 
@@ -131,30 +136,33 @@ def plan_run(cfg: Any, *, budget_s: float | None = None, include_after: bool = T
     source = open_source(cfg.data)
     counts = split_counts(source, cfg.val_fraction, cfg.test_fraction)
     resolved = resolve(cfg, source, counts[0])
-    step_s, forward_s = measure_steps(resolved, len(source.class_names), cfg)
+    step_s, forward_s, probe_forward_s = measure_steps(resolved, len(source.class_names), cfg)
     data_s = estimate_decode_s(source, resolved)
+    probe_s = (counts[0] + counts[1]) * probe_forward_s
     pilot_s = time.perf_counter() - started
     steps_per_epoch = max(1, counts[0] // resolved.batch_size)
     if cfg.max_train_batches:
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
     after_s = estimate_after_s(*counts, forward_s, resolved) if include_after else 0.0
     draft = Plan(0.0, budget_s is not None, resolved.model_name, resolved.image_size, resolved.batch_size,
-                 cfg.epochs, steps_per_epoch, step_s, forward_s, *counts, data_s, pilot_s, 0.0, after_s)
+                 cfg.epochs, steps_per_epoch, step_s, forward_s, *counts, data_s, pilot_s, 0.0, after_s, probe_s)
     epoch_s = draft.epoch_s
-    full_s = pilot_s + data_s + cfg.epochs * epoch_s + after_s
+    before_s = pilot_s + data_s + probe_s  # everything before the first epoch
+    full_s = before_s + cfg.epochs * epoch_s + after_s
     budget = budget_s if budget_s is not None else min(max(full_s, DEFAULT_BUDGET_S[0]), DEFAULT_BUDGET_S[1])
-    room = budget - pilot_s - data_s - after_s
-    need = pilot_s + data_s + epoch_s + after_s
+    room = budget - before_s - after_s
+    need = before_s + epoch_s + after_s
     if room < epoch_s and budget_s is None:  # no budget was asked for: one epoch, however long
         budget, room = need, epoch_s
     if room < epoch_s:
         raise BudgetTooSmall(
-            f"time budget {_human(budget)} is too small: loading the data ~{_human(data_s)}, one epoch of "
+            f"time budget {_human(budget)} is too small: loading the data ~{_human(data_s)}, "
+            f"{f'the linear probe ~{_human(probe_s)}, ' if probe_s else ''}one epoch of "
             f"{resolved.model_name} at {resolved.image_size} px ~{_human(epoch_s)}, the steps after training "
             f"~{_human(after_s)}; at least ~{_human(math.ceil(need))} would fit one epoch")
     epochs = max(1, min(cfg.epochs, int(room // epoch_s)))
     return Plan(budget, budget_s is not None, resolved.model_name, resolved.image_size, resolved.batch_size, epochs,
-                steps_per_epoch, step_s, forward_s, *counts, data_s, pilot_s, epochs * epoch_s, after_s)
+                steps_per_epoch, step_s, forward_s, *counts, data_s, pilot_s, epochs * epoch_s, after_s, probe_s)
 
 
 def split_counts(source: Any, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
@@ -171,20 +179,26 @@ def split_counts(source: Any, val_fraction: float, test_fraction: float) -> tupl
     return n - val - test, val, test
 
 
-def measure_steps(resolved: Any, num_classes: int, cfg: Any) -> tuple[float, float]:
-    """(seconds per optimizer step at the planned batch, seconds per image of an eval forward pass).
+def measure_steps(resolved: Any, num_classes: int, cfg: Any) -> tuple[float, float, float]:
+    """Seconds per optimizer step at the planned batch, per image of an eval forward pass, and per
+    image of the linear probe's forward pass (0 when the run does not probe).
 
     Large models are timed on a smaller batch and scaled per image, so the pilot stays short.
+    A pretrained model's steps are timed with the layers its last epoch trains (see
+    :func:`lensforge.train.optim.apply_transfer`: with ``transfer: probe`` the early stages stay
+    frozen, and a backward pass that stops at the top half costs ~3x less): its costliest epoch.
     """
     import torch
 
-    from lensforge.train.optim import build_optimizer
+    from lensforge.train.optim import apply_transfer, build_optimizer
     from lensforge.train.setup import build_model
 
     model, _ = build_model(resolved, num_classes)
     model.to(resolved.device)
     if resolved.channels_last:
         model.to(memory_format=torch.channels_last)
+    if resolved.pretrained:
+        apply_transfer(model, resolved.transfer, cfg.epochs - 1, cfg.epochs)
     optimizer = build_optimizer(model, cfg, resolved.lr, 1.0)
     generator = torch.Generator().manual_seed(0)
     batch = resolved.batch_size
@@ -215,7 +229,27 @@ def measure_steps(resolved: Any, num_classes: int, cfg: Any) -> tuple[float, flo
         xe, _ = inputs(min(batch * 2, 256))
         model(xe)
         forward = min(_timed(lambda: model(xe)) for _ in range(2)) / len(xe)
-    return per_image * resolved.batch_size * STEP_MARGIN, forward
+    return per_image * resolved.batch_size * STEP_MARGIN, forward, _probe_forward_s(model, xe, resolved, forward)
+
+
+def _probe_forward_s(model: Any, x: Any, resolved: Any, fp32_forward_s: float) -> float:
+    """Per-image seconds of the probe's feature pass: as timed above, or again under bf16 autocast if it uses it."""
+    from lensforge.train.probe import probe_bf16
+
+    if resolved.transfer != "probe" or not resolved.pretrained:
+        return 0.0
+    if not probe_bf16(resolved.device, resolved.amp):
+        return fp32_forward_s
+    import torch
+
+    from lensforge.train.loop import autocast
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(resolved.device, True):
+            model(x)
+
+    forward()
+    return min(_timed(forward) for _ in range(2)) / len(x)
 
 
 def estimate_decode_s(source: Any, resolved: Any) -> float:

@@ -59,7 +59,8 @@ class TrainConfig(BaseModel):
     adv_eps: float = Field(8 / 255, ge=0, le=1)  # L-inf budget in pixel units of [0, 1] images
     adv_steps: int = Field(7, ge=1, le=100)  # PGD steps (step size 2.5 eps / steps); fgsm-rs takes one
 
-    transfer: Literal["auto", "full", "linear", "gradual"] = "auto"
+    # probe: fit the head on frozen features first, then fine-tune top stages first (train/probe.py)
+    transfer: Literal["auto", "full", "linear", "gradual", "probe"] = "auto"
     backbone_lr_scale: float = Field(0.1, gt=0, le=1)  # backbone lr = lr x this when fine-tuning
 
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA GPUs that support it

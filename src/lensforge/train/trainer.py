@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from lensforge.train.loop import (
     snapshot,
 )
 from lensforge.train.optim import apply_transfer, build_optimizer
+from lensforge.train.probe import fit_probe, probe_bf16, supports_probe
 from lensforge.train.progress import TrainProgress
 from lensforge.train.run import WEIGHTS_FILE, now_iso, update_run_info, versions
 from lensforge.train.setup import Resolved, batch_and_lr, build_model, resolve
@@ -211,6 +213,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
         state = _restore(Path(cfg.out), model, optimizer, ema, monitor)
         console.print(f"resuming [bold]{cfg.out}[/] after epoch {state.epoch}")
         _note_other_process_count(Path(cfg.out), dist.world_size, console)
+    elif resolved.transfer == "probe" and resolved.pretrained:
+        _start_from_probe(model, train_batches, val_batches, resolved, state, console, Path(cfg.out), dist.is_main)
     ctx = StepContext(model, optimizer, criterion, monitor, cfg, state, steps_per_epoch * cfg.epochs,
                       int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device, mixup, ema,
                       _make_teacher(cfg, table, resolved.device), train_batches.unnormalize,
@@ -231,6 +235,24 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     monitor.load_state_dict(ckpt.state["monitor"])
     set_rng_state(ckpt.state["rng"])
     return LoopState(**ckpt.state["loop"])
+
+
+def _start_from_probe(model: nn.Module, train_batches: Batches, val_batches: Batches, resolved: Resolved,
+                      state: LoopState, console: Console, run_dir: Path, main: bool) -> None:
+    """Fit the head on frozen features (:mod:`lensforge.train.probe`); the probed model is epoch 0's best."""
+    if not supports_probe(model):
+        console.print("[yellow]note:[/] this model has no single linear head to probe: fine-tuning top stages first")
+        return
+    probe = fit_probe(model, train_batches, val_batches, bf16=probe_bf16(resolved.device, resolved.amp),
+                      folder=run_dir / "probe" if main else None)
+    source = "computed" if probe.cache == "computed" else f"read from the {probe.cache} cache"
+    console.print(f"linear probe: val acc {probe.val_acc:.1%} (features of {len(train_batches) + len(val_batches):,} "
+                  f"images {source} in {probe.features_s:.1f} s, head fitted in {probe.fit_s:.1f} s)")
+    # a fine-tuned epoch that ties the probe on validation replaces it (it has adapted further)
+    state.best_val_acc = math.nextafter(probe.val_acc, -math.inf)
+    if main:
+        _save_weights(run_dir / "best.safetensors", model)
+        update_run_info(run_dir, probe=probe.to_json())
 
 
 def _note_other_process_count(run_dir: Path, processes: int, console: Console) -> None:
