@@ -63,7 +63,7 @@ def train(
     schedule: Annotated[str | None, typer.Option(help="onecycle, cosine or constant.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: from model and data).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Weights: a .safetensors/.pth path, 'package' (EfficientNet-Lite0) or 'hub'.")] = None,
-    transfer: Annotated[str | None, typer.Option(help="With pretrained weights: full, linear or gradual.")] = None,
+    transfer: Annotated[str | None, typer.Option(help="With pretrained weights: probe (default: linear probe on cached features, then top stages first), full, linear or gradual.")] = None,
     augment: Annotated[str | None, typer.Option(help="auto, none, light, strong, augmix, randaugment, trivialaugment or corruptions (robust training).")] = None,
     adv_train: Annotated[str | None, typer.Option(help="Adversarial training: none, pgd (Madry et al.) or fgsm-rs (Wong et al., fast).")] = None,
     adv_eps: Annotated[float | None, typer.Option(help="Adversarial-training L-inf budget in [0, 1] pixel units (default 8/255 = 0.0314).")] = None,
