@@ -701,7 +701,9 @@ def backends_table(pattern: str = "*") -> object:
 
 def _registry_of(kind: Kind) -> object:
     if kind is Kind.tasks:
-        from lensforge.tasks import TASKS as registry
+        from lensforge.tasks import TASKS as registry, list_tasks
+
+        list_tasks()  # registers the built-in tasks
     elif kind is Kind.corruptions:
         from lensforge.stress.corruptions import CORRUPTIONS as registry
     elif kind is Kind.attacks:

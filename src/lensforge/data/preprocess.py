@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+FITS = ("squash", "letterbox")
+LETTERBOX_PAD = 114  # grey padding of letterboxed inputs, as YOLO-family detectors use
+
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -43,6 +46,7 @@ class Preprocess:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     crop_pct: float = 1.0  # < 1: resize the short side to size / crop_pct, then centre-crop (timm eval)
+    fit: str = "squash"  # "squash" to the input size, or "letterbox": keep the aspect, pad right and bottom
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +58,8 @@ class Preprocess:
             raise ValueError(f"unknown interpolation {self.interpolation!r}")
         if not 0.1 <= self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in [0.1, 1], not {self.crop_pct}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {', '.join(FITS)}, not {self.fit!r}")
 
     @property
     def mode(self) -> str:
@@ -75,17 +81,31 @@ class Preprocess:
             std=tuple(d["std"]),
             interpolation=d.get("interpolation", "bilinear"),
             crop_pct=float(d.get("crop_pct", 1.0)),
+            fit=str(d.get("fit", "squash")),
             extra=dict(d.get("extra", {})),
         )
 
 
+def letterbox_scale(original_size: tuple[int, int], input_size: tuple[int, int]) -> float:
+    """The one factor that fits an image of (width, height) into an input of (height, width)."""
+    width, height = original_size
+    return min(input_size[0] / max(1, height), input_size[1] / max(1, width))
+
+
 def resize_to_input(img: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Convert to the colour mode and resize (squash, or short side + centre crop); uint8 (C, H, W)."""
+    """Convert to the colour mode and resize (squash, letterbox, or short side + centre crop); uint8 (C, H, W)."""
     if img.mode != pre.mode:
         img = img.convert(pre.mode)
     height, width = pre.input_size
     resample = INTERPOLATIONS[pre.interpolation]
-    if pre.crop_pct < 1.0:
+    if pre.fit == "letterbox":
+        scale = letterbox_scale(img.size, pre.input_size)
+        inner = (min(width, max(1, round(img.size[0] * scale))), min(height, max(1, round(img.size[1] * scale))))
+        canvas = Image.new(pre.mode, (width, height), (LETTERBOX_PAD,) * pre.channels if pre.channels == 3
+                           else LETTERBOX_PAD)
+        canvas.paste(img.resize(inner, resample) if inner != img.size else img, (0, 0))
+        img = canvas
+    elif pre.crop_pct < 1.0:
         scale = max(height, width) / pre.crop_pct / min(img.size)
         resized = (max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale)))
         img = img.resize(resized, resample)

@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from lensforge.data.table import ImageTable
 from lensforge.errors import DataError
+from lensforge.tasks import get_task
 
 MIN_PER_CLASS = 2  # a class needs at least this many images to appear in train and in a held-out split
 
@@ -42,7 +43,17 @@ class Splits:
                 **{s: [table.origins[i] for i in self.get(s)] for s in ("train", "val", "test")}}
 
 
+def stratify_keys(table: ImageTable) -> np.ndarray:
+    """One class per image to stratify on (the class itself, or e.g. a detection image's class)."""
+    if table.targets.dtype != object:
+        return table.targets
+    task = get_task(table.task)
+    return np.array([task.stratify_key(t) for t in table.targets], dtype=np.int64)
+
+
 def _check_class_sizes(table: ImageTable, indices: np.ndarray) -> None:
+    if table.targets.dtype == object:
+        return  # detection images hold several classes: a class seen once still trains
     counts = Counter(int(t) for t in table.targets[indices])
     for cls, name in enumerate(table.class_names):
         if counts.get(cls, 0) == 1:
@@ -68,11 +79,12 @@ def make_splits(table: ImageTable, *, val_fraction: float = 0.15, test_fraction:
                 seed: int = 0) -> Splits:
     """Use the source's splits where given; carve missing val/test from train, stratified."""
     all_idx = np.arange(len(table))
+    keys = stratify_keys(table)
     fixed = np.array([s or "" for s in table.fixed_splits])
     if (fixed == "").all():
         _check_class_sizes(table, all_idx)
-        rest, test = _stratified(all_idx, table.targets, test_fraction, seed)
-        train, val = _stratified(rest, table.targets, val_fraction / max(1e-9, 1 - test_fraction), seed + 1)
+        rest, test = _stratified(all_idx, keys, test_fraction, seed)
+        train, val = _stratified(rest, keys, val_fraction / max(1e-9, 1 - test_fraction), seed + 1)
         return Splits(train, val, test, seed, "stratified")
     if (fixed == "").any():
         raise DataError("some samples have a split and others do not: give a split for every row or none")
@@ -81,9 +93,9 @@ def make_splits(table: ImageTable, *, val_fraction: float = 0.15, test_fraction:
         raise DataError("the data's own splits have no 'train' samples")
     _check_class_sizes(table, train)
     if len(val) == 0:
-        train, val = _stratified(train, table.targets, val_fraction, seed + 1)
+        train, val = _stratified(train, keys, val_fraction, seed + 1)
     if len(test) == 0:
-        train, test = _stratified(train, table.targets, test_fraction, seed + 2)
+        train, test = _stratified(train, keys, test_fraction, seed + 2)
     return Splits(train, val, test, seed, "given")
 
 

@@ -38,6 +38,7 @@ class ImageTable:
     task: str
     preprocess: Preprocess
     skipped: list[dict[str, str]] = field(default_factory=list)
+    sizes: np.ndarray | None = None  # (N, 2) int: each decoded image's (width, height) before resizing
 
     def __len__(self) -> int:
         return len(self.origins)
@@ -46,14 +47,17 @@ class ImageTable:
         return ImageTable(self.images[indices], self.targets[indices],
                           [self.origins[i] for i in indices],
                           [self.fixed_splits[i] for i in indices],
-                          self.class_names, self.task, self.preprocess)
+                          self.class_names, self.task, self.preprocess,
+                          sizes=None if self.sizes is None else self.sizes[indices])
 
 
-def _decode_one(source: Source, record: SampleRecord, pre: Preprocess) -> np.ndarray:
+def _decode_one(source: Source, record: SampleRecord, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int]]:
+    """The record's model-input pixels and its decoded (width, height)."""
     if source.arrays is None and not is_image_name(record.origin):
         suffix = os.path.splitext(record.origin)[1] or "no suffix"
         raise DataError(f"{record.origin}: not an image file ({suffix})")
-    return resize_to_input(source.load(record, pre.mode), pre)
+    image = source.load(record, pre.mode)
+    return resize_to_input(image, pre), image.size
 
 
 # Decoded tables kept for the next call with the same source, preprocessing and file states:
@@ -112,10 +116,10 @@ def _decode_table(source: Source, pre: Preprocess, on_bad_image: str,
                   progress: Callable[[int], None] | None) -> ImageTable:
     task = get_task(source.task)
     records = source.records
-    images: list[np.ndarray | None] = [None] * len(records)
+    images: list[tuple[np.ndarray, tuple[int, int]] | None] = [None] * len(records)
     skipped: list[dict[str, str]] = []
 
-    def work(i: int) -> tuple[int, np.ndarray | None, str | None]:
+    def work(i: int) -> tuple[int, tuple[np.ndarray, tuple[int, int]] | None, str | None]:
         try:
             return i, _decode_one(source, records[i], pre), None
         except DataError as e:
@@ -135,14 +139,17 @@ def _decode_table(source: Source, pre: Preprocess, on_bad_image: str,
     keep = [i for i, image in enumerate(images) if image is not None]
     if not keep:
         raise DataError(f"no readable images in '{source.spec}' ({len(skipped)} bad files skipped)")
-    stacked = np.stack([images[i] for i in keep])
+    stacked = np.stack([images[i][0] for i in keep])
+    sizes = np.array([images[i][1] for i in keep], dtype=np.int64)
     return ImageTable(
         images=stacked,
-        targets=task.collate([records[i].target for i in keep]),
+        targets=task.collate([task.to_input_target(records[i].target, tuple(sizes[n]), pre)
+                              for n, i in enumerate(keep)]),
         origins=[records[i].origin for i in keep],
         fixed_splits=[records[i].split for i in keep],
         class_names=list(source.class_names),
         task=source.task,
         preprocess=pre,
         skipped=skipped,
+        sizes=sizes,
     )

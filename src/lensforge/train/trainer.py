@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from lensforge.data.sources import open_source
+from lensforge.data.sources import Source, open_source
 from lensforge.data.splits import Splits, load_splits, make_splits
 from lensforge.data.table import ImageTable, load_table
 from lensforge.errors import UsageError
@@ -76,8 +76,9 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
     return cfg  # the folder itself is made once the data has loaded: bad input leaves nothing behind
 
 
-def _load_data(cfg: TrainConfig, console: Console) -> tuple[Any, ImageTable, Splits, Resolved, nn.Module]:
-    source = open_source(cfg.data)
+def _load_data(cfg: TrainConfig, console: Console, source: Source | None = None
+               ) -> tuple[Any, ImageTable, Splits, Resolved, nn.Module]:
+    source = source if source is not None else open_source(cfg.data)
     resolved = resolve(cfg, source)
     model, pre = build_model(resolved, num_classes=len(source.class_names))
     with TrainProgress.decoding(console, len(source.records)) as advance:
@@ -160,10 +161,24 @@ def _initial_model(cfg: TrainConfig, model: nn.Module, table: ImageTable, init_m
 EpochCallback = Callable[[dict[str, Any]], None]  # called with each epoch's metrics row
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None, show_progress: bool = True,
-          init_model: nn.Module | None = None, structure: list[dict[str, Any]] | None = None,
-          on_epoch_end: EpochCallback | None = None) -> TrainResult:
-    """Train a model as ``cfg`` says, writing the run folder ``cfg.out``.
+def train(cfg: TrainConfig, *, resume: bool = False, **kwargs: Any) -> Any:
+    """Train a model for the data's task (classification, detection, ...) as ``cfg`` says.
+
+    The task comes from the data source (:mod:`lensforge.tasks`); its torch half trains.
+    Keyword arguments are those of the task's trainer (for classification see
+    :func:`train_classifier`). Returns that trainer's result.
+    """
+    from lensforge.tasks import get_task
+
+    source = open_source(prepare_run_dir(cfg, resume).data)
+    return get_task(source.task).torch().train(cfg, resume=resume, source=source, **kwargs)
+
+
+def train_classifier(cfg: TrainConfig, *, resume: bool = False, console: Console | None = None,
+                     show_progress: bool = True, init_model: nn.Module | None = None,
+                     structure: list[dict[str, Any]] | None = None, on_epoch_end: EpochCallback | None = None,
+                     source: Source | None = None) -> TrainResult:
+    """Train a classifier as ``cfg`` says, writing the run folder ``cfg.out``.
 
     ``init_model`` starts from a given model instead of a fresh one (e.g. a pruned model to
     fine-tune); ``structure`` records how its shape differs from the registry's (see
@@ -186,7 +201,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, console: Console | None = N
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    source, table, splits, resolved, model = _load_data(cfg, console)
+    source, table, splits, resolved, model = _load_data(cfg, console, source)
     resolved.device = dist.place(resolved.device)
     per_rank_batch = dist.per_rank_batch(resolved.batch_size)
     model, structure = _initial_model(cfg, model, table, init_model, structure, resume)
@@ -366,4 +381,4 @@ def _finish(ctx: StepContext, resolved: Resolved, table: ImageTable, timings: di
     return final
 
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "train", "train_classifier"]
