@@ -258,7 +258,9 @@ def bench(
     out.print(result.table())
     for note in result.notes:
         out.print(f"[dim]note: {note}[/]")
-    run_dir = target if (target / "run.json").exists() else target.parent if (target.parent / "run.json").exists() else None
+    from lensforge.artifacts import resolve_artifact
+
+    run_dir = resolve_artifact(target).run_dir
     path = json_out or (run_dir / "bench.json" if run_dir else None)
     if path:
         result.write_json(path)
@@ -701,7 +703,8 @@ def backends_table(pattern: str = "*") -> object:
 
 def _registry_of(kind: Kind) -> object:
     if kind is Kind.tasks:
-        from lensforge.tasks import TASKS as registry, list_tasks
+        from lensforge.tasks import TASKS as registry
+        from lensforge.tasks import list_tasks
 
         list_tasks()  # registers the built-in tasks
     elif kind is Kind.corruptions:

@@ -85,5 +85,5 @@ def test_calibrate_writes_the_temperature_into_the_bundle(run_dir, tmp_path):
 
 
 def test_calibrate_refuses_what_is_not_a_bundle(tmp_path):
-    with pytest.raises(UsageError, match="neither a bundle nor a run"):
+    with pytest.raises(UsageError, match="neither a run folder .* nor a bundle"):
         calibrate(tmp_path)

@@ -161,21 +161,21 @@ def load_teacher(path: str | os.PathLike[str], *, class_names: Sequence[str],
             not exactly ``class_names`` in the same order.
         ArtifactError: the run or bundle is damaged (missing weights, altered files).
     """
-    from lensforge.deploy.bundle import is_bundle
-    from lensforge.train.run import RUN_FILE
+    from lensforge.artifacts import resolve_artifact
 
     folder = Path(path)
-    if is_bundle(folder):
+    try:
+        artifact = resolve_artifact(folder)
+    except UsageError as e:
+        raise UsageError(f"teacher {e}") from None
+    if artifact.is_bundle:
         teacher = _bundle_teacher(folder)
-    elif (folder / RUN_FILE).is_file():
+    else:
         from lensforge.train.run import load_run
 
         run = load_run(folder)
         teacher = Teacher.from_model(run.model, run.preprocess, run.class_names, source=str(folder), kind="run",
                                      device=device)
-    else:
-        why = "no such file or folder" if not folder.exists() else f"neither a run ({RUN_FILE}) nor a bundle"
-        raise UsageError(f"teacher {folder}: {why}")
     _check_classes(teacher, list(class_names))
     return teacher
 

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from lensforge.deploy.bundle import MODEL_FILE, Bundle, is_bundle, load_bundle, read_manifest
+from lensforge.artifacts import RUN_FILE
+from lensforge.deploy.bundle import MODEL_FILE, Bundle, load_bundle
 from lensforge.deploy.hardware import CpuInfo, detect_cpu
 from lensforge.errors import ArtifactError, UsageError
 from lensforge.registry import Registry
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 MAX_BATCH = 4096
-RUN_FILE = "run.json"  # as lensforge.train.run, which imports torch
 WEIGHTS_FILE = "model.safetensors"
 OPENVINO_HINT = "OpenVINO is not installed: pip install 'lensforge[openvino]'"
 _MB = 1024 * 1024
@@ -201,20 +201,13 @@ class _Target:
 
 def resolve_target(target: str | os.PathLike[str]) -> _Target:
     """A run folder (its ``bundle/`` if exported) or a bundle (and the run folder it sits in)."""
+    from lensforge.artifacts import resolve_artifact
+
     path = Path(target)
-    if not path.exists():
-        raise UsageError(f"{target}: no such file or folder (give a run folder or a bundle)")
-    if is_bundle(path):
-        run_dir = path.parent if (path.parent / RUN_FILE).is_file() else None
-        bundle = load_bundle(path)  # verifies every file's sha256: never bench an altered bundle
-    elif (path / RUN_FILE).is_file():
-        run_dir = path
-        bundle = load_bundle(path / "bundle") if is_bundle(path / "bundle") else None
-    elif (path / "manifest.json").is_file():
-        read_manifest(path)  # raises the ArtifactError saying what is wrong with it
-        raise ArtifactError(f"bundle {target}: not a lensforge bundle")
-    else:
-        raise UsageError(f"{target}: not a lensforge run folder (no {RUN_FILE}) or bundle (no manifest.json)")
+    artifact = resolve_artifact(path)
+    run_dir = artifact.run_dir
+    # loading verifies every file's sha256: never bench an altered bundle
+    bundle = load_bundle(artifact.bundle_dir) if artifact.bundle_dir is not None else None
     if bundle is not None:
         pre, name = bundle.preprocess, bundle.manifest.get("model")
     else:

@@ -53,20 +53,14 @@ def open_target(path: Path, batch_size: int = 256, run_dir: str | Path | None = 
 
     ``run_dir`` names the run of a bundle kept outside it (a shipped variant): its data and splits are used.
     """
-    from lensforge.deploy.bundle import is_bundle, load_bundle
+    from lensforge.artifacts import resolve_artifact
+    from lensforge.deploy.bundle import load_bundle
 
-    if is_bundle(path):
+    artifact = resolve_artifact(path, run_dir=run_dir)
+    if artifact.is_bundle:
         bundle = load_bundle(path)
-        if run_dir is None:
-            run_dir = path.parent if (path.parent / "run.json").exists() else None
-        run_dir = Path(run_dir) if run_dir is not None else None
-        data = None
-        if run_dir is not None:
-            import json
-
-            data = json.loads((run_dir / "run.json").read_text()).get("data")
         return Target("bundle", lambda x: bundle.predict_uint8(x)[0], list(bundle.class_names),
-                      bundle.preprocess, run_dir, data, bundle.temperature)
+                      bundle.preprocess, artifact.run_dir, artifact.run_info().get("data"), bundle.temperature)
     from lensforge.train.run import load_run
 
     run = load_run(path)

@@ -26,16 +26,13 @@ DEFAULT_RESTARTS = 1
 
 def _run_of(path: Path) -> tuple[Path, Path | None]:
     """(run folder, bundle or None) for a run folder or a bundle inside one."""
-    from lensforge.deploy.bundle import is_bundle
+    from lensforge.artifacts import resolve_artifact
 
-    if is_bundle(path):
-        if (path.parent / "run.json").exists():
-            return path.parent, path
+    artifact = resolve_artifact(path)
+    if artifact.run_dir is None:
         raise UsageError(f"'{path}': white-box attacks need the model's gradients; the bundle is not inside a "
                          "run folder, so pass the run it was exported from")
-    if (path / "run.json").exists():
-        return path, None
-    raise UsageError(f"'{path}' is neither a run folder nor a bundle")
+    return artifact.run_dir, path if artifact.is_bundle else None
 
 
 def _transfer(run: Any, bundle_path: Path, images: np.ndarray, targets: np.ndarray, curve: dict[str, Any],

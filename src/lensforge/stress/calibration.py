@@ -136,15 +136,12 @@ def calibrate(target: str | Path, data: str | None = None, *, fit_split: str = "
 
 def resolve_bundle(target: str | Path) -> Path:
     """A bundle folder from a bundle or a run folder (exporting the run's bundle when it has none)."""
-    from lensforge.deploy.bundle import is_bundle
+    from lensforge.artifacts import BUNDLE_DIR, resolve_artifact
 
-    path = Path(target)
-    if is_bundle(path):
-        return path
-    if (path / "run.json").exists():
-        if not is_bundle(path / "bundle"):
-            from lensforge.deploy.from_run import export_run
+    artifact = resolve_artifact(target)
+    if artifact.bundle_dir is not None:
+        return artifact.bundle_dir
+    from lensforge.deploy.from_run import export_run
 
-            export_run(path)
-        return path / "bundle"
-    raise UsageError(f"'{path}' is neither a bundle nor a run folder")
+    export_run(artifact.path)
+    return artifact.path / BUNDLE_DIR

@@ -64,9 +64,10 @@ class StressResult:
 
 
 def _precision(path: Path) -> str:
-    from lensforge.deploy.bundle import is_bundle, read_manifest
+    from lensforge.artifacts import resolve_artifact
+    from lensforge.deploy.bundle import read_manifest
 
-    return str(read_manifest(path).get("precision", "fp32")) if is_bundle(path) else "fp32 (PyTorch)"
+    return str(read_manifest(path).get("precision", "fp32")) if resolve_artifact(path).is_bundle else "fp32 (PyTorch)"
 
 
 def _open_models(main: Target, main_path: Path, others: dict[str, list[Path]], main_targets: np.ndarray,
