@@ -41,7 +41,7 @@ def machine() -> dict[str, Any]:
     """CPU (lensforge's own detection), cores, load average, thread settings and package versions."""
     import platform
 
-    from lensforge.deploy.hardware import detect_cpu
+    from lensforge.utils.hardware import detect_cpu
 
     cpu = detect_cpu()
     versions: dict[str, str | None] = {"python": platform.python_version()}

@@ -3,7 +3,7 @@
 The way corruptions are usually written (Hendrycks' ``make_cifar_c.py``, the ``imagecorruptions``
 package): one image at a time, HWC float arrays, SciPy filters, Pillow for resizing and JPEG.
 Each function follows the *same definition* as lensforge's batched one (it reads the very
-parameter tables from ``lensforge.stress.corruptions``), so the benchmark compares two
+parameter tables from ``lensforge.ops.corruptions``), so the benchmark compares two
 implementations of one thing; where SciPy has an exact tool the reference uses it (Euclidean
 distance transform for spatter, ``map_coordinates`` for warps). Reference only: not tested
 for equality with lensforge (random streams differ), only timed.
@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from lensforge.stress.corruptions import _ops as ops
-from lensforge.stress.corruptions import blur, digital, frost_textures, noise, weather
+from lensforge.ops.corruptions import _ops as ops
+from lensforge.ops.corruptions import blur, digital, frost_textures, noise, weather
 
 Reference = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 REFERENCES: dict[str, Reference] = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lensforge.stress.corruptions import SEVERITIES, corrupt, list_corruptions
+from lensforge.ops.corruptions import SEVERITIES, corrupt, list_corruptions
 
 AIM_TOTAL_S = 60.0  # lensforge, whole workload, 2 cores
 

@@ -45,7 +45,7 @@ ARCHS = {  # name -> TinyCNN options (tinycnn_s's widths and depth)
 
 
 def bf16_capable() -> bool:
-    from lensforge.deploy.hardware import detect_cpu
+    from lensforge.utils.hardware import detect_cpu
 
     cpu = detect_cpu()
     return cpu.has("amx_bf16") or cpu.has("avx512_bf16")

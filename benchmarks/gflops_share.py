@@ -2,7 +2,7 @@
 
 The issue asks how much of the machine ONNX Runtime fp32 uses for a ResNet-type model at
 batch 1, measured by the product's own ``lensforge.deploy.bench.benchmark`` (FLOPs from
-torch's flop counter, peak from :func:`lensforge.deploy.hardware.detect_cpu`). PyTorch
+torch's flop counter, peak from :func:`lensforge.utils.hardware.detect_cpu`). PyTorch
 eager and OpenVINO (fp32 precision set explicitly) are measured in the same calls, and an
 INT8 bundle against the int8 peak for context; batch 8 shows how much is batch-1 overhead.
 
@@ -129,7 +129,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_peak(cpu: Any) -> None:
-    print(f"\nCPU peak model (lensforge.deploy.hardware.detect_cpu): {cpu.summary()}")
+    print(f"\nCPU peak model (lensforge.utils.hardware.detect_cpu): {cpu.summary()}")
     print(f"  fp32: {cpu.fp32_flops_per_cycle_per_core} FLOP/cycle/core x {cpu.clock_ghz} GHz ({cpu.clock_source}) "
           f"x {cpu.peak_cores} physical core(s) = {cpu.peak_gflops_fp32:.1f} GFLOP/s")
     print(f"  int8: {cpu.int8_ops_per_cycle_per_core} ops/cycle/core -> {cpu.peak_gops_int8:.1f} GOP/s")
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from lensforge.deploy.hardware import detect_cpu
+    from lensforge.utils.hardware import detect_cpu
 
     torch.set_num_threads(_common.THREADS)
     info = _common.machine()

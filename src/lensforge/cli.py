@@ -131,14 +131,13 @@ def train_and_report(cfg: Any, *, nproc: int, resume: bool, quiet: bool,
     from lensforge.report import write_report
     from lensforge.train import train as train_api
 
-    if nproc > 1:  # torchrun runs nproc copies of lensforge.train.distributed; rank 0 writes the run and report
-        from lensforge.report import REPORT_NAME
+    if nproc > 1:  # torchrun runs nproc copies of lensforge.train.distributed; rank 0 writes the run
         from lensforge.train.distributed import launch
         from lensforge.train.run import read_run_info
 
         # no live callback across processes: --mlflow logs the run's metrics.jsonl when it ends
         run_dir = launch(cfg, nproc=nproc, resume=resume, quiet=quiet)
-        return run_dir, read_run_info(run_dir)["best_val_acc"], run_dir / REPORT_NAME
+        return run_dir, read_run_info(run_dir)["best_val_acc"], write_report(run_dir)
     result = train_api(cfg, resume=resume, console=err, show_progress=not quiet, on_epoch_end=on_epoch_end)
     return result.run_dir, result.best_val_acc, write_report(result.run_dir)
 
@@ -708,9 +707,9 @@ def _registry_of(kind: Kind) -> object:
 
         list_tasks()  # registers the built-in tasks
     elif kind is Kind.corruptions:
-        from lensforge.stress.corruptions import CORRUPTIONS as registry
+        from lensforge.ops.corruptions import CORRUPTIONS as registry
     elif kind is Kind.attacks:
-        from lensforge.stress.adversarial import ATTACKS as registry
+        from lensforge.ops.attacks import ATTACKS as registry
     elif kind is Kind.ood_detectors:
         from lensforge.stress.ood import OOD_DETECTORS as registry
     elif kind is Kind.ood_sets:

@@ -10,16 +10,13 @@ says which constraint failed and by how much.
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from lensforge.defaults import MAX_DROP_POINTS
 from lensforge.errors import ChanceLevelError, LensforgeError, UsageError
+from lensforge.tradeoffs import Budget, Option, explain_failure, pareto_mask
 from lensforge.utils.io import atomic_write_json, fresh_dir
 
 TINY_CANDIDATES = (("tinycnn_xs", 1.0), ("tinycnn_s", 1.0), ("tinycnn_m", 1.0), ("tinycnn_s", 0.5))
@@ -33,16 +30,6 @@ class BudgetNotMet(LensforgeError):
     exit_code = 3
 
 
-class Budget(BaseModel):
-    """Deployment limits, measured on this machine at batch 1."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_latency_ms: float | None = Field(None, gt=0)  # p50 latency of one image, ONNX Runtime
-    max_size_mb: float | None = Field(None, gt=0)  # model.onnx on disk
-    max_drop: float = Field(MAX_DROP_POINTS, ge=0, le=100)  # points a compressed variant may lose vs its parent
-
-
 @dataclass
 class Candidate:
     model: str
@@ -52,22 +39,6 @@ class Candidate:
     @property
     def name(self) -> str:
         return f"{self.model}-{self.image_size}px"
-
-
-@dataclass
-class Option:
-    """One measured artifact: a candidate's baseline or one of its variants."""
-
-    candidate: str
-    variant: str
-    bundle: str
-    accuracy: float
-    latency_ms: float
-    size_mb: float
-    status: str
-    reason: str
-    fits: bool = False
-    pareto: bool = False
 
 
 def default_candidates(data: str) -> list[Candidate]:
@@ -173,40 +144,6 @@ def _mark(options: list[Option], budget: Budget) -> Option | None:
         o.pareto = on_front
     fitting = [o for o in options if o.fits]
     return max(fitting, key=lambda o: (o.accuracy, -o.latency_ms)) if fitting else None
-
-
-def pareto_mask(accuracy: list[float | None], latency_ms: list[float | None], size_mb: list[float | None],
-                accepted: list[bool] | None = None) -> list[bool]:
-    """True where no other accepted point is at least as good on all three and better on one.
-
-    A point that failed its guard is never on the front (it is not a real trade-off);
-    a missing number counts as the worst.
-    """
-    accepted = accepted if accepted is not None else [True] * len(accuracy)
-    points = [(-math.inf if a is None else a, math.inf if t is None else t, math.inf if s is None else s)
-              for a, t, s in zip(accuracy, latency_ms, size_mb)]
-    rivals = [p for p, ok in zip(points, accepted) if ok]
-    return [ok and not any(a2 >= a and t2 <= t and s2 <= s and (a2, t2, s2) != (a, t, s) for a2, t2, s2 in rivals)
-            for (a, t, s), ok in zip(points, accepted)]
-
-
-def explain_failure(options: list[Option], budget: Budget) -> str:
-    """Which constraint failed and by how much, for the closest artifacts."""
-    accepted = [o for o in options if o.status == "accepted"] or options
-    parts = []
-    if budget.max_latency_ms is not None:
-        fastest = min(accepted, key=lambda o: o.latency_ms)
-        if fastest.latency_ms > budget.max_latency_ms:
-            parts.append(f"latency: the fastest artifact ({fastest.candidate}/{fastest.variant}) takes "
-                         f"{fastest.latency_ms:.3g} ms > {budget.max_latency_ms:g} ms "
-                         f"({fastest.latency_ms / budget.max_latency_ms:.2f}x over)")
-    if budget.max_size_mb is not None:
-        smallest = min(accepted, key=lambda o: o.size_mb)
-        if smallest.size_mb > budget.max_size_mb:
-            parts.append(f"size: the smallest artifact ({smallest.candidate}/{smallest.variant}) is "
-                         f"{smallest.size_mb:.3g} MB > {budget.max_size_mb:g} MB "
-                         f"({smallest.size_mb / budget.max_size_mb:.2f}x over)")
-    return "; ".join(parts) or "each artifact meets one limit but none meets all of them together"
 
 
 @dataclass

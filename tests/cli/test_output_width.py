@@ -80,10 +80,10 @@ def test_every_listed_registry_has_a_list_command():
     import lensforge.deploy.bench  # noqa: F401
     import lensforge.deploy.guardrails  # noqa: F401
     import lensforge.models  # noqa: F401
+    import lensforge.ops.attacks  # noqa: F401
+    import lensforge.ops.corruptions  # noqa: F401
     import lensforge.report  # noqa: F401
     import lensforge.stress.adapt  # noqa: F401
-    import lensforge.stress.adversarial  # noqa: F401
-    import lensforge.stress.corruptions  # noqa: F401
     import lensforge.stress.ood  # noqa: F401
     import lensforge.tasks  # noqa: F401
     import lensforge.train.augment  # noqa: F401

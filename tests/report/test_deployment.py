@@ -20,11 +20,11 @@ import pytest
 
 from lensforge.compress.variants import CompressConfig, Variant
 from lensforge.deploy.bench import BenchReport, BenchRow, ModelInfo
-from lensforge.deploy.hardware import CpuInfo
 from lensforge.errors import ArtifactError
 from lensforge.report import RunFiles, list_sections, write_report
 from lensforge.report.deployment import deployment_section
 from lensforge.select import Budget, Option, SelectResult, _mark, pareto_mask
+from lensforge.utils.hardware import CpuInfo
 
 from .conftest import CLASS_NAMES, make_run, write_run_json
 

@@ -23,8 +23,9 @@ from lensforge.data.preprocess import Preprocess
 from lensforge.data.sources import open_source
 from lensforge.data.splits import make_splits
 from lensforge.data.table import load_table
+from lensforge.deploy.drift import DriftReference, kolmogorov_sf, ks_2samp, psi
 from lensforge.errors import ArtifactError, UsageError
-from lensforge.serve.drift import DriftMonitor, DriftReference, kolmogorov_sf, ks_2samp, psi
+from lensforge.serve.drift import DriftMonitor
 from lensforge.stress.drift_reference import fit_drift_reference
 
 PRE = Preprocess(input_size=(8, 8), channels=1, mean=(0.5,), std=(0.5,))

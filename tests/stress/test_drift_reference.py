@@ -18,9 +18,10 @@ from lensforge.data.sources import open_source
 from lensforge.data.splits import make_splits
 from lensforge.data.table import load_table
 from lensforge.deploy.bundle import load_bundle
+from lensforge.deploy.drift import psi
 from lensforge.deploy.guardrails import GUARDRAILS_KEY, load_guardrails
 from lensforge.deploy.predict import softmax
-from lensforge.serve.drift import DriftMonitor, psi
+from lensforge.serve.drift import DriftMonitor
 from lensforge.stress.drift_reference import (
     KS_SAMPLE_SIZE,
     MIN_REFERENCE_IMAGES,

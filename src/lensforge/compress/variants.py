@@ -100,7 +100,7 @@ def _prune_variant(run_dir: Path, cfg: CompressConfig, console: Any) -> tuple[st
     """Prune the run's model, fine-tune it (optionally distilling), export its bundle."""
     import torch
 
-    from lensforge.compress.prune import prune_model
+    from lensforge.models.prune import prune_model
     from lensforge.train import load_run, resolve_config, train
 
     run = load_run(run_dir)

@@ -5,7 +5,7 @@ PyTorch eager (from the run folder), ONNX Runtime and OpenVINO (both on the
 bundle's ``model.onnx``, the file that ships) and reports them side by side:
 latency percentiles and images/s after warm-up, the peak resident memory of each
 backend, achieved GFLOP/s and their share of this CPU's estimated peak
-(:mod:`lensforge.deploy.hardware`), and how far each backend's logits are from
+(:mod:`lensforge.utils.hardware`), and how far each backend's logits are from
 the first one's. Torch is imported only for the PyTorch backend and for counting
 FLOPs of a run's model, so a bundle-only host can bench ONNX Runtime.
 
@@ -33,9 +33,9 @@ import numpy as np
 
 from lensforge.artifacts import RUN_FILE
 from lensforge.deploy.bundle import MODEL_FILE, Bundle, load_bundle
-from lensforge.deploy.hardware import CpuInfo, detect_cpu
 from lensforge.errors import ArtifactError, UsageError
 from lensforge.registry import Registry
+from lensforge.utils.hardware import CpuInfo, detect_cpu
 from lensforge.utils.io import atomic_write_json
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from lensforge.report.blocks import Block, Callout, Figure, Group, Section, Stat
 from lensforge.report.formatting import MISSING, as_float, fmt_count, fmt_int, fmt_percent, fmt_text
 from lensforge.report.registry import register_section
 from lensforge.report.runfiles import RunFiles
-from lensforge.select import pareto_mask
+from lensforge.tradeoffs import Budget, Option, explain_failure, pareto_mask
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -327,8 +327,6 @@ def _failure_message(options: list[dict[str, Any]], budget: dict[str, Any]) -> s
     if not any(o.get("status") == "accepted" for o in options):
         return (f"All {_count(len(options), 'artifact')} were rejected by their guard (too much accuracy "
                 "lost, or not faster than their parent), so none can be picked.")
-    from lensforge.select import Budget, Option, explain_failure
-
     names = {f.name for f in fields(Option)}
     measured = [Option(**{key: value for key, value in o.items() if key in names}) for o in options]
     limits = Budget(**{key: value for key, value in budget.items()
@@ -373,7 +371,7 @@ def _options_table(options: list[dict[str, Any]], chosen: dict[str, Any] | None,
 
 
 def _bench_blocks(run: RunFiles, data: dict[str, Any]) -> list[Block]:
-    from lensforge.deploy.hardware import CpuInfo  # torch-free; only when there is a bench.json
+    from lensforge.utils.hardware import CpuInfo  # torch-free; only when there is a bench.json
 
     try:
         cpu = CpuInfo.from_dict(data["cpu"])

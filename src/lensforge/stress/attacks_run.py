@@ -38,7 +38,7 @@ def _run_of(path: Path) -> tuple[Path, Path | None]:
 def _transfer(run: Any, bundle_path: Path, images: np.ndarray, targets: np.ndarray, curve: dict[str, Any],
               *, steps: int, restarts: int, seed: int) -> dict[str, Any]:
     from lensforge.deploy.bundle import load_bundle
-    from lensforge.stress.adversarial import adversarial_examples, transfer_accuracy
+    from lensforge.ops.attacks import adversarial_examples, transfer_accuracy
 
     bundle = load_bundle(bundle_path)
     out: dict[str, Any] = {}
@@ -66,7 +66,7 @@ def adversarial(target: str | Path, data: str | None = None, *, split: str = "te
                 json_out: str | Path | None = None, write: bool = True) -> dict[str, Any]:
     """Robust accuracy against epsilon per attack, masking warnings, and the bundle's transfer accuracy."""
     from lensforge.evaluate.runner import open_target, split_of
-    from lensforge.stress.adversarial import robust_accuracy_curve
+    from lensforge.ops.attacks import robust_accuracy_curve
     from lensforge.train.run import load_run
 
     for eps in epsilons:

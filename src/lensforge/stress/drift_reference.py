@@ -4,7 +4,7 @@ Fitted by :func:`lensforge.stress.ood.fit_guardrails` on the *validation* split,
 describes held-out behaviour, and stored JSON-friendly in the manifest under
 ``guardrails["drift"]`` (a few tens of KB at most), where
 :class:`lensforge.serve.drift.DriftMonitor` reads it; the serving side computes the same
-statistics with the same code (:func:`lensforge.serve.drift.input_statistics`).
+statistics with the same code (:func:`lensforge.deploy.drift.input_statistics`).
 
 Per input statistic: a histogram over quantile bins of the reference (at most 10, and at
 most one per 25 reference images so PSI's noise floor stays below its warning level, see
@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lensforge.deploy.guardrails import max_softmax
-from lensforge.serve.drift import (
+from lensforge.deploy.drift import (
     ClassHistogram,
     DriftReference,
     DriftThresholds,
@@ -33,6 +32,7 @@ from lensforge.serve.drift import (
     input_statistics,
     round_significant,
 )
+from lensforge.deploy.guardrails import max_softmax
 
 MIN_REFERENCE_IMAGES = 100  # fewer, and the reference alone makes PSI noisy enough to alarm
 MAX_BINS = 10  # per statistic: deciles

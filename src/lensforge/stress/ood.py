@@ -320,7 +320,7 @@ HEAVY_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "gaussian_blur", "contras
 def corrupted(context: OODContext) -> np.ndarray:
     """Held-out in-distribution images at severity 5 of three corruption families.
 
-    Uses :mod:`lensforge.stress.corruptions` (noise, blur, then contrast or fog); without it,
+    Uses :mod:`lensforge.ops.corruptions` (noise, blur, then contrast or fog); without it,
     a heavy box blur plus strong Gaussian noise of our own.
     """
     rng = np.random.default_rng(context.seed)
@@ -329,7 +329,7 @@ def corrupted(context: OODContext) -> np.ndarray:
     try:
         import torch
 
-        from lensforge.stress.corruptions import CORRUPTIONS, corrupt
+        from lensforge.ops.corruptions import CORRUPTIONS, corrupt
     except ImportError:
         return _blur_and_noise(images, rng)
     names = _pick_corruptions([name for name in HEAVY_CORRUPTIONS if name in CORRUPTIONS])

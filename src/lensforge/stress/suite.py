@@ -38,7 +38,7 @@ class StressConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    suite: str = "quick"  # "quick" or "full" (see lensforge.stress.corruptions.SUITES)
+    suite: str = "quick"  # "quick" or "full" (see lensforge.ops.corruptions.SUITES)
     split: str = "test"
     max_images: int | None = Field(None, ge=10)  # a seeded subset keeps the full suite quick on big sets
     stability: bool = True
@@ -151,7 +151,7 @@ def _stability(models: list[_Model], images: np.ndarray, batch_size: int, seed: 
 
 
 def _corruption_table(model: _Model, plan: list[tuple[str, int]]) -> dict[str, dict[str, Any]]:
-    from lensforge.stress.corruptions import CORRUPTIONS
+    from lensforge.ops.corruptions import CORRUPTIONS
 
     table: dict[str, dict[str, Any]] = {}
     for name, severity in plan:
@@ -204,7 +204,7 @@ def _gap(main: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 def _corrupt_numpy(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     import torch
 
-    from lensforge.stress.corruptions import corrupt
+    from lensforge.ops.corruptions import corrupt
 
     return corrupt(torch.from_numpy(images), name, severity, seed=seed).numpy()
 
@@ -228,7 +228,7 @@ def stress(target: str | Path, data: str | None = None, *, cfg: StressConfig | N
     belongs to a run, and to ``json_out`` when given. ``run_dir`` names the run of a bundle
     kept outside it (a shipped variant): its data and test split are used.
     """
-    from lensforge.stress.corruptions import suite_plan
+    from lensforge.ops.corruptions import suite_plan
 
     cfg = cfg or StressConfig()
     plan = suite_plan(cfg.suite)

@@ -151,7 +151,7 @@ def random_corruptions(images: torch.Tensor, generator: torch.Generator) -> torc
     Each chosen image draws a (corruption, severity) pair; images sharing a pair are
     corrupted in one batched call, so a batch costs at most 19 x 3 calls, usually fewer.
     """
-    from lensforge.stress.corruptions import corrupt, list_corruptions
+    from lensforge.ops.corruptions import corrupt, list_corruptions
 
     names = list_corruptions("common")
     n = len(images)

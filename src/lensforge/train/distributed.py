@@ -312,15 +312,10 @@ def _train_here(cfg: TrainConfig, *, resume: bool, quiet: bool) -> int:
 
     from lensforge.train.trainer import train
 
-    result = train(cfg, resume=resume, console=Console(stderr=True), show_progress=not quiet)
-    context = DistContext.current()
-    if context.is_main:
-        from lensforge.report import write_report
-
-        write_report(result.run_dir)
+    train(cfg, resume=resume, console=Console(stderr=True), show_progress=not quiet)
     # every rank tears the process group down together: a rank that left while rank 0 was still
-    # writing the report sometimes aborted in gloo ("terminate called without an active exception")
-    context.barrier()
+    # writing the run sometimes aborted in gloo ("terminate called without an active exception")
+    DistContext.current().barrier()
     return 0
 
 

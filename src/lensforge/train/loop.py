@@ -154,7 +154,7 @@ ADV_ATTACKS = {"pgd": "pgd-linf", "fgsm-rs": "fgsm-rs"}  # adv_train value -> re
 class Adversary:
     """Replaces a normalised training batch by its adversarial version (adversarial training).
 
-    Attacks run in [0, 1] pixel space (:mod:`lensforge.stress.adversarial`), so ``eps``
+    Attacks run in [0, 1] pixel space (:mod:`lensforge.ops.attacks`), so ``eps``
     means grey levels whatever the normalisation. Choices, and why:
 
     * The model is attacked in eval mode (BN running statistics, no dropout), as the
@@ -164,7 +164,7 @@ class Adversary:
       train), not mixed 50/50 with clean images as in Goodfellow et al. 2015: the mix
       buys back clean accuracy at the cost of robustness, and doubles the forward pass.
     * Validation (and so the best epoch) stays on clean images; robust accuracy is
-      measured afterwards with ``lensforge.stress.adversarial``.
+      measured afterwards with ``lensforge.ops.attacks``.
     * The last iterate is used, not the highest-loss one, as in both papers (for
       FGSM-RS that keeps catastrophic overfitting visible instead of hiding it).
     * Random starts come from the epoch's generator, so ``--resume`` stays exact.
@@ -178,7 +178,7 @@ class Adversary:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
-        from lensforge.stress.adversarial import PixelSpaceModel, attack
+        from lensforge.ops.attacks import PixelSpaceModel, attack
 
         pixels = (x.float() * self.std + self.mean).clamp(0, 1)
         adversarial = attack(PixelSpaceModel(model, self.mean, self.std), pixels, y, self.attack, self.eps,

@@ -78,7 +78,7 @@ def probe_bf16(device: torch.device, amp: bool) -> bool:
     1.5-1.8x faster there at equal probe accuracy; without AMX, bf16 convolutions are slower)."""
     if amp or device.type != "cpu":
         return amp
-    from lensforge.deploy.hardware import detect_cpu
+    from lensforge.utils.hardware import detect_cpu
 
     return detect_cpu().has("amx_bf16")
 

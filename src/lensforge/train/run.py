@@ -77,7 +77,7 @@ def apply_structure(model: nn.Module, ops: list[dict[str, Any]], pre: Preprocess
         return model
     import torch
 
-    from lensforge.compress.prune import replay_structure
+    from lensforge.models.prune import replay_structure
 
     example = torch.zeros(1, pre.channels, *pre.input_size)
     return replay_structure(model, ops, example)

@@ -117,7 +117,7 @@ def _write_run_header(cfg: TrainConfig, source: Any, table: ImageTable, splits: 
 def _make_teacher(cfg: TrainConfig, table: ImageTable, device: torch.device) -> Any:
     if cfg.teacher is None:
         return None
-    from lensforge.compress.distill import load_teacher
+    from lensforge.train.distill import load_teacher
 
     return load_teacher(cfg.teacher, class_names=table.class_names, device=device)
 
@@ -139,7 +139,7 @@ def _make_extras(cfg: TrainConfig, model: nn.Module, num_classes: int) -> tuple[
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay)
     if cfg.teacher is not None:
-        from lensforge.compress.distill import DistillationLoss
+        from lensforge.train.distill import DistillationLoss
 
         criterion = DistillationLoss(criterion, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha)
     return mixup, ema, criterion

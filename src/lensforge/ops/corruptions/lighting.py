@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from lensforge.stress.corruptions import _ops
-from lensforge.stress.corruptions.registry import register_corruption
+from lensforge.ops.corruptions import _ops
+from lensforge.ops.corruptions.registry import register_corruption
 
 # Low light: the exposure keeps this share of the light; photon (shot) noise for a sensor that
 # collects FULL_WELL_ELECTRONS at full white, plus read noise; no gain afterwards, so the

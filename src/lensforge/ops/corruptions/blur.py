@@ -11,9 +11,9 @@ from functools import lru_cache
 
 import torch
 
-from lensforge.stress.corruptions import _ops
-from lensforge.stress.corruptions._ops import LARGE_REFERENCE_PX, Published, side_of
-from lensforge.stress.corruptions.registry import register_corruption
+from lensforge.ops.corruptions import _ops
+from lensforge.ops.corruptions._ops import LARGE_REFERENCE_PX, Published, side_of
+from lensforge.ops.corruptions.registry import register_corruption
 
 DEFOCUS_RADIUS = Published((0.3, 0.4, 0.5, 1, 1.5), (3, 4, 6, 8, 10), spatial=True)  # disk radius, px
 DEFOCUS_ALIAS_SIGMA = Published((0.4, 0.5, 0.6, 0.2, 0.1), (0.1, 0.5, 0.5, 0.5, 0.5), spatial=True)  # px

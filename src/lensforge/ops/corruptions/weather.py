@@ -18,9 +18,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from lensforge.stress.corruptions import _ops
-from lensforge.stress.corruptions._ops import Published, side_of
-from lensforge.stress.corruptions.registry import register_corruption
+from lensforge.ops.corruptions import _ops
+from lensforge.ops.corruptions._ops import Published, side_of
+from lensforge.ops.corruptions.registry import register_corruption
 
 # ---------------------------------------------------------------------------- snow
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lensforge.compress.distill import DistillationLoss, Teacher, load_teacher, soft_targets_agreement
 from lensforge.data.preprocess import Preprocess
 from lensforge.errors import UsageError
+from lensforge.train.distill import DistillationLoss, Teacher, load_teacher, soft_targets_agreement
 
 STUDENT_LOGITS = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, 1.0]])  # top-1 agrees with the teacher on row 0 only
 TEACHER_LOGITS = torch.tensor([[3.0, 0.0, -1.0], [-0.5, 1.5, 0.0]])

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lensforge.compress.prune import PruneStep, prune_model, replay_structure
 from lensforge.errors import ArtifactError, UsageError
 from lensforge.models import count_params, create_model, default_preprocess
+from lensforge.models.prune import PruneStep, prune_model, replay_structure
 
 NUM_CLASSES = 10
 # Architectures checked to replay exactly from the op: their pruned channel counts do not

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lensforge.deploy.hardware import CpuInfo, detect_cpu, parse_cpuinfo
+from lensforge.utils.hardware import CpuInfo, detect_cpu, parse_cpuinfo
 
 
 def cpuinfo(blocks: list[dict[str, str]]) -> str:

@@ -7,7 +7,7 @@ from torch import nn
 
 from lensforge.data.preprocess import Preprocess
 from lensforge.errors import UsageError
-from lensforge.stress.adversarial import (
+from lensforge.ops.attacks import (
     ATTACKS,
     PixelSpaceModel,
     adversarial_examples,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from lensforge.stress.corruptions import _ops
-from lensforge.stress.corruptions.registry import register_corruption
+from lensforge.ops.corruptions import _ops
+from lensforge.ops.corruptions.registry import register_corruption
 
 OCCLUDED_SHARE = (0.05, 0.1, 0.2, 0.3, 0.4)  # of the image area
 PATCHES = 3

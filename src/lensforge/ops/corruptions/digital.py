@@ -16,9 +16,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from lensforge.stress.corruptions import _ops
-from lensforge.stress.corruptions._ops import SMALL_REFERENCE_PX, Published, side_of
-from lensforge.stress.corruptions.registry import SEVERITIES, register_corruption
+from lensforge.ops.corruptions import _ops
+from lensforge.ops.corruptions._ops import SMALL_REFERENCE_PX, Published, side_of
+from lensforge.ops.corruptions.registry import SEVERITIES, register_corruption
 
 # ---------------------------------------------------------------------------- contrast
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lensforge.errors import UsageError
-from lensforge.stress.corruptions import (
+from lensforge.ops.corruptions import (
     CORRUPTIONS,
     FAMILIES,
     SEVERITIES,
@@ -22,10 +22,10 @@ from lensforge.stress.corruptions import (
     list_corruptions,
     suite_plan,
 )
-from lensforge.stress.corruptions.digital import CONTRAST_FACTOR, jpeg_round_trip, pixelate_sizes
-from lensforge.stress.corruptions.noise import GAUSSIAN_STD, IMPULSE_AMOUNT, SHOT_PHOTONS
-from lensforge.stress.corruptions.occlusion import OCCLUDED_SHARE
-from lensforge.stress.corruptions.weather import BRIGHTNESS_SHIFT
+from lensforge.ops.corruptions.digital import CONTRAST_FACTOR, jpeg_round_trip, pixelate_sizes
+from lensforge.ops.corruptions.noise import GAUSSIAN_STD, IMPULSE_AMOUNT, SHOT_PHOTONS
+from lensforge.ops.corruptions.occlusion import OCCLUDED_SHARE
+from lensforge.ops.corruptions.weather import BRIGHTNESS_SHIFT
 
 NAMES = list_corruptions("full")
 IMAGENET_C = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -154,7 +154,7 @@ def test_works_at_the_minimum_size_and_on_non_square_images():
 
 
 def test_big_batches_are_corrupted_block_by_block(monkeypatch):
-    from lensforge.stress.corruptions import registry
+    from lensforge.ops.corruptions import registry
 
     images = (natural_batch(10, 3, 16) * 255).round().to(torch.uint8)
     whole = {name: corrupt(images, name, 3) for name in ("contrast", "gaussian_noise")}

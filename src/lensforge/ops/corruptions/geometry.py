@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from lensforge.stress.corruptions import _ops
-from lensforge.stress.corruptions.registry import register_corruption
+from lensforge.ops.corruptions import _ops
+from lensforge.ops.corruptions.registry import register_corruption
 
 ROTATION_DEG = (5.0, 10.0, 15.0, 22.5, 30.0)  # clockwise or counter-clockwise
 PERSPECTIVE_DISTORTION = (0.07, 0.14, 0.21, 0.28, 0.35)  # corners move in by up to this share of half the side

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from lensforge.stress.corruptions._ops import Published, normal, poisson, side_of
-from lensforge.stress.corruptions.registry import register_corruption
+from lensforge.ops.corruptions._ops import Published, normal, poisson, side_of
+from lensforge.ops.corruptions.registry import register_corruption
 
 GAUSSIAN_STD = Published((0.04, 0.06, 0.08, 0.09, 0.10), (0.08, 0.12, 0.18, 0.26, 0.38))  # of the [0, 1] range
 SHOT_PHOTONS = Published((500, 250, 100, 75, 50), (60, 25, 12, 5, 3))  # photons at full white

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from lensforge.errors import UsageError
+from lensforge.ops.corruptions._ops import stable_seed
 from lensforge.registry import Registry
-from lensforge.stress.corruptions._ops import stable_seed
 
 SEVERITIES = (1, 2, 3, 4, 5)
 FAMILIES = ("noise", "blur", "weather", "digital", "viewpoint", "lighting", "occlusion")

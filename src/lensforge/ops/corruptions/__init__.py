@@ -15,8 +15,8 @@ to a whole batch ``(N, C, H, W)`` (uint8 or float in [0, 1], grey or RGB, >= 8x8
 ``suite_plan`` give the (name, severity) pairs of the "full" and "quick" suites.
 """
 
-from lensforge.stress.corruptions import blur, digital, geometry, lighting, noise, occlusion, weather  # noqa: F401
-from lensforge.stress.corruptions.registry import (
+from lensforge.ops.corruptions import blur, digital, geometry, lighting, noise, occlusion, weather  # noqa: F401
+from lensforge.ops.corruptions.registry import (
     CORRUPTIONS,
     FAMILIES,
     SEVERITIES,
@@ -28,7 +28,7 @@ from lensforge.stress.corruptions.registry import (
     register_corruption,
     suite_plan,
 )
-from lensforge.stress.corruptions.weather import frost_textures
+from lensforge.ops.corruptions.weather import frost_textures
 
 SUITES.update(build_suites())  # after every family module above has registered its corruptions
 
