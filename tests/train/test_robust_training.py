@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lensforge.errors import ConfigError
-from lensforge.stress.adversarial import robust_accuracy_curve
+from lensforge.ops.attacks import robust_accuracy_curve
 from lensforge.train import loop, resolve_config, train
 from lensforge.train.augment import PIXEL_OPS, AugmentPolicy, augment_uint8, policy_for
 from lensforge.train.loop import ADV_ATTACKS, Adversary
