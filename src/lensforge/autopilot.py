@@ -205,17 +205,15 @@ def _tune_first(cfg: Any, plan: Any, trials: int, out_dir: Path, console: Consol
 def _ship_single(data: str, result: Any, out_dir: Path, console: Console, timings: dict[str, float], seed: int,
                  guardrails: bool, show_progress: bool, started: float) -> dict[str, Any]:
     """Export the trained run's bundle, ship its guardrails, evaluate it on the test split, write the report."""
-    from lensforge.deploy.export import write_bundle
+    from lensforge.deploy.from_run import export_run
     from lensforge.evaluate import evaluate
     from lensforge.report import write_report
 
     step = time.perf_counter()
     console.print("exporting the ONNX bundle and checking parity with PyTorch ...")
     val = result.splits.val if len(result.splits.val) else result.splits.train
-    bundle_dir = write_bundle(result.model.cpu(), result.table.preprocess, result.table.class_names,
-                              out_dir / "bundle", model_name=result.resolved.model_name,
-                              sample_images=result.table.images[val[:64]], task=result.table.task,
-                              show_progress=show_progress)
+    # the same export as `lensforge export RUN`: one manifest, whichever command wrote the bundle
+    bundle_dir = export_run(out_dir, sample_images=result.table.images[val[:64]], show_progress=show_progress)
     timings["export"] = time.perf_counter() - step
 
     # a model at chance level on validation gets no guardrails: nothing in it is worth guarding

@@ -21,6 +21,7 @@ from lensforge.data.preprocess import resize_to_input
 from lensforge.deploy.bundle import Bundle, load_bundle
 from lensforge.deploy.guardrails import Guardrails, guardrails_for
 from lensforge.errors import DataError, UsageError
+from lensforge.tasks.classification import classification_row
 
 PathLike = str | os.PathLike[str]
 ON_BAD_IMAGE = ("fail", "skip")
@@ -116,12 +117,4 @@ def _classify(
 
 
 def _row(bundle: Bundle, path: Path, probs: np.ndarray, top_k: int) -> dict[str, Any]:
-    order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
-    best = int(order[0])
-    return {
-        "path": str(path),
-        "label": bundle.class_names[best],
-        "class_index": best,
-        "confidence": float(probs[best]),
-        "top_k": [{"label": bundle.class_names[int(i)], "prob": float(probs[i])} for i in order],
-    }
+    return {"path": str(path), **classification_row(probs, bundle.class_names, top_k)}

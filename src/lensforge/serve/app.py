@@ -49,6 +49,7 @@ from lensforge.serve.requests import (
     predict_openapi,
     read_body,
 )
+from lensforge.tasks.classification import classification_row
 
 logger = logging.getLogger("lensforge.serve")
 
@@ -127,16 +128,9 @@ class ModelService:
         return results
 
     def prediction(self, result: dict[str, Any], name: str | None, top_k: int) -> dict[str, Any]:
-        probs = result["probs"]
-        order = np.argsort(-probs, kind="stable")[:top_k]
-        names = self.bundle.class_names
-        best = int(order[0])
         return {
             "name": name,
-            "label": names[best],
-            "class_index": best,
-            "confidence": float(probs[best]),
-            "top_k": [{"label": names[int(i)], "prob": float(probs[i])} for i in order],
+            **classification_row(result["probs"], self.bundle.class_names, top_k),
             "guardrails": {key: result[key] for key in ("ood", "low_confidence", "input_quality", "abstain")},
         }
 

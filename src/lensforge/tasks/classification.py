@@ -23,4 +23,20 @@ class Classification(Task):
         return int(target)
 
 
+def classification_row(probs: np.ndarray, class_names: Sequence[str], top_k: int) -> dict[str, Any]:
+    """The prediction of one image from its calibrated probabilities: what ``predict`` and the server answer.
+
+    ``{"label", "class_index", "confidence", "top_k": [{"label", "prob"}]}``, ``top_k`` highest first
+    (ties in class order).
+    """
+    order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
+    best = int(order[0])
+    return {
+        "label": class_names[best],
+        "class_index": best,
+        "confidence": float(probs[best]),
+        "top_k": [{"label": class_names[int(i)], "prob": float(probs[i])} for i in order],
+    }
+
+
 CLASSIFICATION = register_task(Classification())
