@@ -220,7 +220,7 @@ def test_bad_targets(tiny_bundle, tmp_path):
     with pytest.raises(UsageError, match="no such file or folder"):
         benchmark(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="not a lensforge run folder .* or bundle"):
+    with pytest.raises(UsageError, match="neither a run folder .* nor a bundle"):
         benchmark(tmp_path / "empty")
     altered = shutil.copytree(tiny_bundle[0], tmp_path / "altered")
     with open(altered / "model.onnx", "ab") as f:

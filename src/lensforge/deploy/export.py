@@ -53,7 +53,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class LogitsAndFeatures(nn.Module):
-    """Wrap a timm-style model so ``forward`` returns ``(logits, penultimate features)``."""
+    """Wrap a timm-style model so ``forward`` returns ``(logits, penultimate features)``.
+
+    The classification task's export module. Every task's export module (see
+    :meth:`lensforge.tasks.Task.torch`) takes the normalised float input and returns a tuple
+    named by its ``output_names``.
+    """
+
+    output_names = OUTPUT_NAMES
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -68,6 +75,35 @@ class LogitsAndFeatures(nn.Module):
         features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         return self.model.get_classifier()(features), features
 
+    def manifest_entries(self, x: torch.Tensor, outputs: dict[str, torch.Tensor],
+                         class_names: Sequence[str]) -> dict[str, Any]:
+        """Check the outputs on a normalised probe batch ``x``; the task's own manifest entries (none)."""
+        direct = self.model(x)
+        logits = outputs["logits"]
+        if (not isinstance(direct, torch.Tensor) or direct.shape != logits.shape
+                or not torch.allclose(direct, logits, rtol=1e-4, atol=1e-5)):
+            raise ExportError(
+                f"{type(self.model).__name__}: get_classifier()(forward_head(..., pre_logits=True)) "
+                "does not reproduce model(x); cannot export logits and features together")
+        if tuple(logits.shape[1:]) != (len(class_names),):
+            raise UsageError(f"the model outputs {tuple(logits.shape[1:])} logits but {len(class_names)} "
+                             "class names were given")
+        return {}
+
+    @staticmethod
+    def parity(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray], atol: float) -> dict[str, Any]:
+        """PyTorch against ONNX Runtime: logits within ``atol``, and how often the top class agrees."""
+        diff_logits = float(np.abs(ours["logits"] - theirs["logits"]).max())
+        result = {
+            "max_abs_diff_logits": diff_logits,
+            "max_abs_diff_features": float(np.abs(ours["features"] - theirs["features"]).max()),
+            "top1_agreement": float(np.mean(ours["logits"].argmax(1) == theirs["logits"].argmax(1))),
+        }
+        if not diff_logits <= atol:  # also catches NaN
+            raise ExportError(f"ONNX logits differ from PyTorch by {_short(diff_logits)} (> atol {_short(atol)}) "
+                              f"on {len(ours['logits'])} validation images")
+        return result
+
 
 class PixelInputModel(nn.Module):
     """What a bundle's ``model.onnx`` computes: uint8 pixels (N, C, H, W) -> (logits, features).
@@ -79,12 +115,21 @@ class PixelInputModel(nn.Module):
 
     def __init__(self, model: nn.Module, pre: Preprocess) -> None:
         super().__init__()
-        self.net = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
+        self.net = export_module(model)
         device = next((p.device for p in self.net.parameters()), torch.device("cpu"))
         self.normalize = Normalize(pre.mean, pre.std).to(device)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.net(self.normalize(pixels))
+
+
+def export_module(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is a task's export module (it has ``output_names``), else a classifier's."""
+    return model if hasattr(model, "output_names") else LogitsAndFeatures(model)
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    return tuple(export_module(model).output_names)
 
 
 @dataclass(frozen=True)
@@ -150,7 +195,8 @@ def export_onnx_result(
             seconds=seconds,
             fallback_reason=fallback,
         )
-    raise ExportError(f"cannot export {type(wrapper.net.model).__name__} to ONNX: {'; '.join(causes)}")
+    inner = getattr(wrapper.net, "model", wrapper.net)
+    raise ExportError(f"cannot export {type(inner).__name__} to ONNX: {'; '.join(causes)}")
 
 
 def _export_to(
@@ -162,6 +208,7 @@ def _export_to(
     # batch 2, not 1: exporters may specialise a size-1 dimension to a constant
     shape = (2, pre.channels, *pre.input_size)
     example = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(device)
+    names = output_names(wrapper.net)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -171,14 +218,14 @@ def _export_to(
             if dynamo:
                 torch.onnx.export(
                     wrapper, (example,), str(tmp), dynamo=True, external_data=False,
-                    input_names=["input"], output_names=list(OUTPUT_NAMES), opset_version=opset,
+                    input_names=["input"], output_names=list(names), opset_version=opset,
                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
                 )  # fmt: skip
             else:
-                axes = {name: {0: "batch"} for name in ("input", *OUTPUT_NAMES)}
+                axes = {name: {0: "batch"} for name in ("input", *names)}
                 torch.onnx.export(
                     wrapper, (example,), str(tmp), dynamo=False, input_names=["input"],
-                    output_names=list(OUTPUT_NAMES), opset_version=opset, dynamic_axes=axes,
+                    output_names=list(names), opset_version=opset, dynamic_axes=axes,
                 )  # fmt: skip
         if Path(f"{tmp}.data").exists():
             raise RuntimeError("the exporter wrote external weights (.onnx.data); model over 2 GB?")
@@ -264,43 +311,32 @@ def check_parity(
     atol: float = 1e-3,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Run PyTorch and ONNX Runtime on the same images and compare logits and features.
+    """Run PyTorch and ONNX Runtime on the same images and compare their outputs.
 
     PyTorch runs ``model`` on the images normalised by :class:`~lensforge.models.normalize.Normalize`;
     ONNX Runtime runs the file on the uint8 images themselves, as a bundle is used, so the
     normalisation inside the graph is checked too. The first image runs alone and the rest
     in batches of ``batch_size``, so a batch axis that is not really dynamic fails here
-    rather than in production.
+    rather than in production. What must agree is the task's rule (the export module's
+    ``parity``): for a classifier, logits within ``atol``.
 
     Returns:
-        {"max_abs_diff_logits", "max_abs_diff_features", "top1_agreement", "atol", "n_images"}.
+        the rule's figures (a classifier: "max_abs_diff_logits", "max_abs_diff_features",
+        "top1_agreement") plus "atol" and "n_images".
 
     Raises:
-        ExportError: ONNX Runtime cannot run the file, or logits differ by more than ``atol``.
+        ExportError: ONNX Runtime cannot run the file, or the outputs disagree.
     """
     _check_images(images_uint8, pre)
-    torch_out = _torch_outputs(model, images_uint8, pre, batch_size)
-    onnx_out = _onnx_outputs(Path(onnx_path), images_uint8, batch_size)
-    for name, ours, theirs in zip(OUTPUT_NAMES, torch_out, onnx_out):
-        if ours.shape != theirs.shape:
+    net = export_module(model)
+    torch_out = _torch_outputs(net, images_uint8, pre, batch_size)
+    onnx_out = _onnx_outputs(Path(onnx_path), images_uint8, batch_size, tuple(net.output_names))
+    for name, ours in torch_out.items():
+        if ours.shape != onnx_out[name].shape:
             raise ExportError(
-                f"ONNX {name} have shape {theirs.shape}, PyTorch {ours.shape} ({onnx_path})"
+                f"ONNX {name} have shape {onnx_out[name].shape}, PyTorch {ours.shape} ({onnx_path})"
             )
-    n = len(images_uint8)
-    diff_logits = float(np.abs(torch_out[0] - onnx_out[0]).max())
-    result = {
-        "max_abs_diff_logits": diff_logits,
-        "max_abs_diff_features": float(np.abs(torch_out[1] - onnx_out[1]).max()),
-        "top1_agreement": float(np.mean(torch_out[0].argmax(1) == onnx_out[0].argmax(1))),
-        "atol": atol,
-        "n_images": n,
-    }
-    if not diff_logits <= atol:  # also catches NaN
-        raise ExportError(
-            f"ONNX logits differ from PyTorch by {_short(diff_logits)} (> atol {_short(atol)}) "
-            f"on {n} validation images"
-        )
-    return result
+    return {**net.parity(torch_out, onnx_out, atol), "atol": atol, "n_images": len(images_uint8)}
 
 
 def _check_images(images: np.ndarray, pre: Preprocess) -> None:
@@ -322,37 +358,30 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def _torch_outputs(
-    model: nn.Module, images: np.ndarray, pre: Preprocess, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    wrapper = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
-    device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
+def _torch_outputs(net: nn.Module, images: np.ndarray, pre: Preprocess, batch_size: int) -> dict[str, np.ndarray]:
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
     normalize = Normalize(pre.mean, pre.std).to(device)
-    logits, features = [], []
-    with _eval_mode(wrapper), torch.inference_mode():
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with _eval_mode(net), torch.inference_mode():
         for part in _batches(len(images), batch_size):
-            x = normalize(torch.from_numpy(images[part]).to(device))
-            out_logits, out_features = wrapper(x)
-            logits.append(out_logits.float().cpu().numpy())
-            features.append(out_features.float().cpu().numpy())
-    return np.concatenate(logits), np.concatenate(features)
+            parts.append(net(normalize(torch.from_numpy(images[part]).to(device))))
+    return {name: np.concatenate([p[i].float().cpu().numpy() for p in parts])
+            for i, name in enumerate(net.output_names)}
 
 
-def _onnx_outputs(path: Path, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _onnx_outputs(path: Path, images: np.ndarray, batch_size: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    logits, features = [], []
+    parts = []
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for part in _batches(len(images), batch_size):
-            out = session.run(list(OUTPUT_NAMES), {"input": np.ascontiguousarray(images[part])})
-            logits.append(out[0])
-            features.append(out[1])
+            parts.append(session.run(list(names), {"input": np.ascontiguousarray(images[part])}))
     except Exception as e:  # ORT has no common base exception
         raise ExportError(f"ONNX Runtime cannot run {path}: {_one_line_cause(e)}") from e
-    return np.concatenate(logits), np.concatenate(features)
+    return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
 
 
 def _short(x: float) -> str:
@@ -387,12 +416,8 @@ def write_bundle(
     """
     out_dir = Path(out_dir)
     class_names = _check_bundle_args(out_dir, class_names, sample_images, pre)
-    wrapper = model if isinstance(model, LogitsAndFeatures) else LogitsAndFeatures(model)
-    logits_dims, feature_dims = _probe_dims(wrapper, sample_images[:2], pre)
-    if logits_dims != (len(class_names),):
-        raise UsageError(
-            f"model {model_name} outputs {logits_dims} logits but {len(class_names)} class names were given"
-        )
+    wrapper = export_module(model)
+    dims, entries = _probe(wrapper, sample_images[:2], pre, class_names)
     tmp = staging_dir(out_dir)
     try:
         with StepProgress("export", 3, enabled=show_progress) as advance:
@@ -404,9 +429,9 @@ def write_bundle(
             advance("manifest")
             manifest = _manifest(
                 task=task, model_name=model_name, class_names=class_names, pre=pre,
-                dims=(logits_dims, feature_dims), exported=exported, parity=parity,
-                metrics=metrics, extra=extra,
+                dims=dims, exported=exported, parity=parity, metrics=metrics, extra=extra,
             )  # fmt: skip
+            manifest.update(entries)  # the task's own entries, e.g. a detector's box decoding
             manifest["files"] = bundle_file_hashes(tmp)
             atomic_write_json(tmp / MANIFEST_NAME, manifest)
             replace_dir(tmp, out_dir)
@@ -437,25 +462,15 @@ def _check_bundle_args(
     return names
 
 
-def _probe_dims(
-    wrapper: LogitsAndFeatures, images: np.ndarray, pre: Preprocess
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per-image logits and feature shapes; also checks the wrapper reproduces ``model(x)``."""
-    device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
+def _probe(net: nn.Module, images: np.ndarray, pre: Preprocess, class_names: Sequence[str]
+           ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """Per-image shape of each output, and the task's manifest entries (its export module checks the outputs)."""
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
     x = Normalize(pre.mean, pre.std).to(device)(torch.from_numpy(images).to(device))
-    with _eval_mode(wrapper), torch.inference_mode():
-        logits, features = wrapper(x)
-        direct = wrapper.model(x)
-    if (
-        not isinstance(direct, torch.Tensor)
-        or direct.shape != logits.shape
-        or not torch.allclose(direct, logits, rtol=1e-4, atol=1e-5)
-    ):
-        raise ExportError(
-            f"{type(wrapper.model).__name__}: get_classifier()(forward_head(..., pre_logits=True)) "
-            "does not reproduce model(x); cannot export logits and features together"
-        )
-    return tuple(logits.shape[1:]), tuple(features.shape[1:])
+    with _eval_mode(net), torch.inference_mode():
+        outputs = dict(zip(net.output_names, net(x)))
+        entries = net.manifest_entries(x, outputs, class_names)
+    return {name: tuple(value.shape[1:]) for name, value in outputs.items()}, entries
 
 
 def _manifest(
@@ -464,13 +479,12 @@ def _manifest(
     model_name: str,
     class_names: list[str],
     pre: Preprocess,
-    dims: tuple[tuple[int, ...], tuple[int, ...]],
+    dims: dict[str, tuple[int, ...]],
     exported: ExportResult,
     parity: dict[str, Any],
     metrics: dict[str, Any] | None,
     extra: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    logits_dims, feature_dims = dims
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -483,10 +497,7 @@ def _manifest(
             # raw pixels, channel order RGB (or L); the graph normalises them (format_version 2)
             {"name": "input", "shape": ["batch", pre.channels, *pre.input_size], "dtype": "uint8"}
         ],
-        "outputs": [
-            {"name": "logits", "shape": ["batch", *logits_dims]},
-            {"name": "features", "shape": ["batch", *feature_dims]},
-        ],
+        "outputs": [{"name": name, "shape": ["batch", *shape]} for name, shape in dims.items()],
         "exporter": {
             "dynamo": exported.dynamo,
             "opset": exported.opset,
