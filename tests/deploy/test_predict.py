@@ -17,8 +17,8 @@ from PIL import Image
 from lensforge.data.decode import decode_image
 from lensforge.data.preprocess import normalize, resize_to_input
 from lensforge.deploy import load_bundle, predict_files
-from lensforge.deploy.predict import softmax
 from lensforge.errors import DataError
+from lensforge.tasks.classification import softmax
 
 
 @pytest.fixture

@@ -28,9 +28,9 @@ from helpers import slow_fixture, wait_for
 from PIL import Image
 
 from lensforge.deploy.bundle import load_bundle, update_bundle
-from lensforge.deploy.predict import softmax
 from lensforge.errors import ArtifactError, ConfigError, UsageError
 from lensforge.serve import ServeConfig, create_app, make_serve_config
+from lensforge.tasks.classification import softmax
 
 TEMPERATURE = 1.7
 GUARD_KEYS = {"ood", "low_confidence", "input_quality", "abstain"}

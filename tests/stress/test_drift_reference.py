@@ -20,7 +20,6 @@ from lensforge.data.table import load_table
 from lensforge.deploy.bundle import load_bundle
 from lensforge.deploy.drift import psi
 from lensforge.deploy.guardrails import GUARDRAILS_KEY, load_guardrails
-from lensforge.deploy.predict import softmax
 from lensforge.serve.drift import DriftMonitor
 from lensforge.stress.drift_reference import (
     KS_SAMPLE_SIZE,
@@ -31,6 +30,7 @@ from lensforge.stress.drift_reference import (
     ks_sample,
 )
 from lensforge.stress.ood import fit_guardrails
+from lensforge.tasks.classification import softmax
 
 # ---------------------------------------------------------------------------- pieces
 

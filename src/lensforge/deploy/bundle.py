@@ -224,6 +224,19 @@ class Bundle:
         """
         return self._run(self.model_input(batch_uint8))
 
+    @property
+    def task(self) -> str:
+        return str(self.manifest.get("task", "classification"))
+
+    @property
+    def output_names(self) -> list[str]:
+        return [str(o["name"]) for o in self.manifest.get("outputs", [])] or ["logits", "features"]
+
+    def outputs_uint8(self, batch_uint8: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 pixels (N, C, H, W) -> every output of ``model.onnx`` by name (any task)."""
+        names = self.output_names
+        return dict(zip(names, self.session.run(names, {self.input_name: self.model_input(batch_uint8)})))
+
     def model_input(self, batch_uint8: np.ndarray) -> np.ndarray:
         """uint8 pixels (N, C, H, W) -> the array ``model.onnx`` takes (to feed ONNX Runtime directly).
 

@@ -1,8 +1,9 @@
-"""Classify image files with a bundle (no torch: Pillow, NumPy and ONNX Runtime only).
+"""Predict image files with a bundle (no torch: Pillow, NumPy and ONNX Runtime only).
 
-Files are decoded safely, resized exactly as in training, batched, and turned into
-calibrated probabilities (softmax of logits / temperature). Rows come back in the
-order of the input files, errors included. A bundle with guardrails (see
+Files are decoded safely, resized exactly as in training, batched, and turned into the
+bundle's task's rows (:meth:`lensforge.tasks.Task.predict_batch`): calibrated class
+probabilities (softmax of logits / temperature) for a classifier, boxes in original
+pixels for a detector. Rows come back in the order of the input files, errors included. A bundle with guardrails (see
 :mod:`lensforge.deploy.guardrails`) also flags each image: out-of-distribution,
 failed input-quality checks, and whether to abstain.
 """
@@ -21,19 +22,11 @@ from lensforge.data.preprocess import resize_to_input
 from lensforge.deploy.bundle import Bundle, load_bundle
 from lensforge.deploy.guardrails import Guardrails, guardrails_for
 from lensforge.errors import DataError, UsageError
-from lensforge.tasks.classification import classification_row
+from lensforge.tasks import get_task
 
 PathLike = str | os.PathLike[str]
 ON_BAD_IMAGE = ("fail", "skip")
 Pending = list[tuple[Path, np.ndarray, tuple[int, int]]]  # path, model input, decoded (width, height)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64 (stable for large logits)."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def predict_files(
@@ -46,7 +39,9 @@ def predict_files(
 ) -> Iterator[dict[str, Any]]:
     """Yield one prediction row per image file, in input order.
 
-    Rows are ``{"path", "label", "class_index", "confidence", "top_k": [{"label", "prob"}]}``;
+    A classifier's rows are ``{"path", "label", "class_index", "confidence", "top_k": [{"label", "prob"}]}``,
+    a detector's ``{"path", "detections": [{"label", "class_index", "score", "box": [x1, y1, x2, y2]}],
+    "count"}`` (boxes in the original image's pixels);
     with ``on_bad_image="skip"`` an unreadable image gives ``{"path", "error"}`` instead.
     When the bundle has guardrails, rows also carry ``"ood"`` (bool), ``"ood_score"``
     (higher = more out-of-distribution), ``"quality"`` (failed check codes, e.g.
@@ -89,32 +84,24 @@ def _predict_rows(
             if not skip:
                 raise
             # flush first so rows stay in input order
-            yield from _classify(bundle, pending, top_k, guardrails)
+            yield from _predict_batch(bundle, pending, top_k, guardrails)
             pending = []
             yield {"path": str(path), "error": str(e)}
             continue
         pending.append((path, pixels, image.size))
         if len(pending) == batch_size:
-            yield from _classify(bundle, pending, top_k, guardrails)
+            yield from _predict_batch(bundle, pending, top_k, guardrails)
             pending = []
-    yield from _classify(bundle, pending, top_k, guardrails)
+    yield from _predict_batch(bundle, pending, top_k, guardrails)
 
 
-def _classify(
+def _predict_batch(
     bundle: Bundle, items: Pending, top_k: int, guardrails: Guardrails | None
 ) -> Iterator[dict[str, Any]]:
     if not items:
         return
     batch = np.stack([pixels for _, pixels, _ in items])
-    logits, features = bundle.predict_uint8(batch)
-    probs = softmax(logits, bundle.temperature)
-    rows = [_row(bundle, path, row_probs, top_k) for (path, _, _), row_probs in zip(items, probs)]
-    if guardrails is not None:
-        checks = guardrails.check(logits, features, batch, [size for _, _, size in items])
-        for row, check in zip(rows, checks):
-            row.update(check)
-    yield from rows
-
-
-def _row(bundle: Bundle, path: Path, probs: np.ndarray, top_k: int) -> dict[str, Any]:
-    return {"path": str(path), **classification_row(probs, bundle.class_names, top_k)}
+    rows = get_task(bundle.task).predict_batch(bundle, batch, [size for _, _, size in items],
+                                               guardrails=guardrails, top_k=top_k)
+    for (path, _, _), row in zip(items, rows):
+        yield {"path": str(path), **row}

@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import lensforge
 from lensforge.deploy.bundle import MODEL_FILE, Bundle, load_bundle
 from lensforge.deploy.guardrails import guardrails_for
-from lensforge.deploy.predict import softmax
 from lensforge.errors import UsageError
 from lensforge.serve.batcher import Batcher, BatcherClosed, Overloaded, TimedOut
 from lensforge.serve.config import ServeConfig
@@ -49,7 +48,7 @@ from lensforge.serve.requests import (
     predict_openapi,
     read_body,
 )
-from lensforge.tasks.classification import classification_row
+from lensforge.tasks.classification import classification_row, softmax
 
 logger = logging.getLogger("lensforge.serve")
 

@@ -53,6 +53,17 @@ class Task:
         """A target in the model input's pixels, given the decoded image's (width, height)."""
         return target
 
+    def predict_batch(self, bundle: Any, pixels: np.ndarray, sizes: Sequence[tuple[int, int]], *,
+                      guardrails: Any = None, top_k: int = 5) -> list[dict[str, Any]]:
+        """One prediction row per image of a batch run through ``bundle`` (what ``predict`` and the server answer).
+
+        ``pixels`` are the model inputs (N, C, H, W) uint8 made by
+        :func:`lensforge.data.preprocess.resize_to_input`, ``sizes`` the decoded images' (width,
+        height). With ``guardrails`` (:class:`lensforge.deploy.guardrails.Guardrails`) each row also
+        carries its verdicts (``ood``, ``ood_score``, ``quality``, ``abstain``).
+        """
+        raise NotImplementedError
+
     def torch(self) -> Any:
         """The torch half: a module-level object ``TASK`` in :attr:`torch_module`."""
         try:

@@ -22,6 +22,24 @@ class Classification(Task):
     def stratify_key(self, target: Any) -> int:
         return int(target)
 
+    def predict_batch(self, bundle: Any, pixels: np.ndarray, sizes: Sequence[tuple[int, int]], *,
+                      guardrails: Any = None, top_k: int = 5) -> list[dict[str, Any]]:
+        logits, features = bundle.predict_uint8(pixels)
+        probs = softmax(logits, bundle.temperature)
+        rows = [classification_row(p, bundle.class_names, top_k) for p in probs]
+        if guardrails is not None:
+            for row, check in zip(rows, guardrails.check(logits, features, pixels, list(sizes))):
+                row.update(check)
+        return rows
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64 (stable for large logits)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
+
 
 def classification_row(probs: np.ndarray, class_names: Sequence[str], top_k: int) -> dict[str, Any]:
     """The prediction of one image from its calibrated probabilities: what ``predict`` and the server answer.

@@ -112,6 +112,22 @@ class Detection(Task):
 
         return target.scaled(letterbox_scale(original_size, pre.input_size))
 
+    def predict_batch(self, bundle: Any, pixels: np.ndarray, sizes: Sequence[tuple[int, int]], *,
+                      guardrails: Any = None, top_k: int = 5) -> list[dict[str, Any]]:
+        """Boxes in original pixels above the bundle's score threshold (``top_k`` is a classifier's option)."""
+        from lensforge.data.preprocess import letterbox_scale
+
+        outputs = bundle.outputs_uint8(pixels)
+        head = DetectionHead.from_dict(bundle.manifest["detection"])
+        scales = [letterbox_scale(tuple(size), bundle.preprocess.input_size) for size in sizes]
+        found = postprocess(outputs, head, scales=scales, sizes=[tuple(s) for s in sizes])
+        rows = [detection_row(dets, bundle.class_names) for dets in found]
+        if guardrails is not None:
+            logits = image_logits(outputs["cls_logits"])
+            for row, check in zip(rows, guardrails.check(logits, outputs["features"], pixels, list(sizes))):
+                row.update(check)
+        return rows
+
 
 DETECTION = register_task(Detection())
 
@@ -333,3 +349,12 @@ def detection_row(dets: Detections, class_names: Sequence[str]) -> dict[str, Any
         rows.append({"label": name, "class_index": int(label), "score": round(float(score), 4),
                      "box": [round(float(v), 1) for v in box]})
     return {"detections": rows, "count": len(rows)}
+
+
+def image_logits(cls_logits: np.ndarray) -> np.ndarray:
+    """(B, A, C) anchor logits -> (B, C): each class's strongest evidence anywhere in the image.
+
+    What the guardrails' logit-based OOD scores and confidence read for a detector: an image
+    whose best anchor for every class is weak holds nothing the detector knows.
+    """
+    return np.asarray(cls_logits, dtype=np.float32).max(axis=1)
