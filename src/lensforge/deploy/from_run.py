@@ -68,7 +68,7 @@ def export_run(run_dir: str | Path, *, atol: float = 1e-3, sample_images: np.nda
         saved = json.loads(test_eval.read_text())
         metrics = {"test": {k: saved[k] for k in ("accuracy", "macro_f1", "ece") if k in saved},
                    "evaluated": saved.get("evaluated")}
-    return write_bundle(run.model, run.preprocess, run.class_names, run_dir / "bundle",
+    return write_bundle(run.export_module(), run.preprocess, run.class_names, run_dir / "bundle",
                         model_name=run.info["model"], sample_images=images, task=run.info.get("task", "classification"),
                         metrics=metrics, extra={"run": run.info.get("name"), "data": run.info.get("data")}, atol=atol,
                         show_progress=show_progress)

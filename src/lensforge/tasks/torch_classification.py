@@ -1,4 +1,4 @@
-"""Image classification: the torch half (training entry point)."""
+"""Image classification: the torch half (training entry point, model builder, export module)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ class ClassificationTorch:
         from lensforge.train.trainer import train_classifier
 
         return train_classifier(cfg, **kwargs)
+
+    def build_model(self, name: str, num_classes: int, in_chans: int = 3, pretrained: str | None = None) -> Any:
+        from lensforge.models.registry import create_model
+
+        return create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
+
+    def export_module(self, model: Any, info: dict[str, Any] | None = None) -> Any:
+        """``(logits, penultimate features)`` from a timm-style classifier."""
+        from lensforge.deploy.export import LogitsAndFeatures
+
+        return LogitsAndFeatures(model)
 
 
 TASK = ClassificationTorch()

@@ -70,6 +70,16 @@ class LoadedRun:
     def class_names(self) -> list[str]:
         return list(self.info["class_names"])
 
+    @property
+    def task(self) -> str:
+        return str(self.info.get("task", "classification"))
+
+    def export_module(self) -> nn.Module:
+        """The model as its task exports it (normalised input -> the bundle's named outputs)."""
+        from lensforge.tasks import get_task
+
+        return get_task(self.task).torch().export_module(self.model, self.info)
+
 
 def apply_structure(model: nn.Module, ops: list[dict[str, Any]], pre: Preprocess) -> nn.Module:
     """Give a fresh registry model the shape a run recorded (e.g. after structured pruning)."""
@@ -87,7 +97,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     """Rebuild the model of a finished run from its own files."""
     from safetensors.torch import load_file
 
-    from lensforge.models.registry import create_model
+    from lensforge.tasks import get_task
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -96,7 +106,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise ArtifactError(f"run '{run_dir}' has no final weights ({WEIGHTS_FILE}): training did not "
                             f"finish; continue it with `lensforge train --resume --out {run_dir}`")
     pre = Preprocess.from_dict(info["preprocess"])
-    model = create_model(info["model"], num_classes=len(info["class_names"]), in_chans=pre.channels)
+    task = get_task(str(info.get("task", "classification"))).torch()
+    model = task.build_model(info["model"], num_classes=len(info["class_names"]), in_chans=pre.channels)
     model = apply_structure(model, info.get("structure") or [], pre)
     try:
         model.load_state_dict(load_file(weights))
