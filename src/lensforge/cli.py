@@ -79,6 +79,7 @@ def train(
     distill_temperature: Annotated[float | None, typer.Option(help="Softmax temperature for distillation (default 4).")] = None,
     splits_file: Annotated[str | None, typer.Option(help="Reuse a run's splits.json (e.g. the teacher's) for the same split.")] = None,
     on_bad_image: Annotated[BadImage | None, typer.Option(help="What to do with unreadable images.")] = None,
+    on_bad_label: Annotated[BadImage | None, typer.Option(help="Detection data: what to do with a bad label (degenerate or NaN box, unknown class, missing image); each is named either way.")] = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard", help="Also log to TensorBoard.")] = None,
     max_train_batches: Annotated[int | None, typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
@@ -87,7 +88,7 @@ def train(
     mlflow: Annotated[str | None, typer.Option("--mlflow", metavar="URI", help=MLFLOW_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Train a classifier into a run folder (checkpoints, metrics, health, report)."""
+    """Train a classifier or a detector (the task comes from the data) into a run folder (checkpoints, metrics, health, report)."""
     from lensforge.train import resolve_config
     from lensforge.train.tracking import mlflow_tracking
     from lensforge.utils.io import fresh_dir
@@ -101,6 +102,7 @@ def train(
                          weight_decay=weight_decay, label_smoothing=label_smoothing, teacher=teacher,
                          distill_alpha=distill_alpha, distill_temperature=distill_temperature, splits_file=splits_file,
                          ema=ema, seed=seed, on_bad_image=on_bad_image.value if on_bad_image else None,
+                         on_bad_label=on_bad_label.value if on_bad_label else None,
                          tensorboard=tensorboard, max_train_batches=max_train_batches, adv_train=adv_train,
                          adv_eps=adv_eps, adv_steps=adv_steps)
     if resume and out_dir is None and config is None:
@@ -119,10 +121,18 @@ def train(
         run_dir, best_val_acc, report = train_and_report(cfg, nproc=nproc, resume=resume, quiet=quiet,
                                                          on_epoch_end=tracker.epoch_callback())
         tracker.log_run(run_dir)
-    out.print(f"run: {run_dir}  best val acc {best_val_acc:.2%}  report: {report}")
+    out.print(f"run: {run_dir}  best {primary_metric_text(run_dir, best_val_acc)}  report: {report}")
     for finding in json.loads((Path(run_dir) / "diagnosis.json").read_text()).get("fit", []):
         if finding.get("kind") == "underfitting":  # includes a model at chance level: say it where it is seen
             err.print(f"[yellow]underfitting:[/] {escape(finding['message'])}")
+
+
+def primary_metric_text(run_dir: Path, value: float) -> str:
+    """'val acc 98.5%' for a classifier, 'val mAP 0.613' for a detector (the task's primary metric)."""
+    from lensforge.artifacts import resolve_artifact
+    from lensforge.tasks import get_task
+
+    return get_task(resolve_artifact(run_dir).task).describe_metric(value, "val")
 
 
 def train_and_report(cfg: Any, *, nproc: int, resume: bool, quiet: bool,
@@ -661,17 +671,49 @@ class Kind(str, Enum):
     backends = "backends"
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Data tools: convert detection labels between formats.")
+app.add_typer(data_app, name="data")
+
+
+class LabelFormat(str, Enum):
+    coco = "coco"
+    yolo = "yolo"
+    voc = "voc"
+    labelstudio = "labelstudio"
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Annotated[str, typer.Argument(help="Detection data: a COCO/YOLO/VOC/Label Studio folder or file, a boxes CSV, or builtin:shapes?task=detect.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="New folder to write (must not exist or be empty).")],
+    to: Annotated[LabelFormat, typer.Option("--to", help="Format to write.")],
+    on_bad_label: Annotated[BadImage, typer.Option(help="What to do with a bad label (each is named either way).")] = BadImage.fail,
+) -> None:
+    """Convert detection labels (and copy the images) into another format; the source is never changed."""
+    from lensforge.data.convert import convert_boxes
+
+    counts = convert_boxes(src, to.value, out_dir, on_bad_label=on_bad_label.value)
+    out.print(f"written: {out_dir} ({to.value}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
+
+
 @app.command("list")
 def list_cmd(
     kind: Annotated[Kind, typer.Argument(help="What to list.")],
     pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'resnet*'.")] = "*",
+    task: Annotated[str, typer.Option(help="With models: classify (timm and ours) or detect (our detectors).")] = "classify",
 ) -> None:
     """List registered models, data sources, tasks, corruptions, attacks, OOD detectors and sets, adaptation methods, backends."""
     if kind is Kind.backends:
         out.print(backends_table(pattern))
         return
     names = _registry_of(kind).list(pattern) if kind not in (Kind.models, Kind.sources) else None
-    if kind is Kind.models:
+    if kind is Kind.models and task in ("detect", "detection"):
+        from lensforge.models.detector import list_detectors
+
+        names = list_detectors(pattern)
+    elif kind is Kind.models:
+        if task not in ("classify", "classification"):
+            raise typer.BadParameter(f"{task!r}: use classify or detect", param_hint="--task")
         from lensforge.models import list_models
 
         names = list_models(pattern)

@@ -49,6 +49,10 @@ class Task:
         """The class that splits stratify on."""
         raise NotImplementedError
 
+    def describe_metric(self, value: float, split: str) -> str:
+        """The primary metric in words, e.g. 'val acc 98.5%'."""
+        return f"{split} {self.primary_metric} {value:.3f}"
+
     def to_input_target(self, target: Any, original_size: tuple[int, int], pre: Any) -> Any:
         """A target in the model input's pixels, given the decoded image's (width, height)."""
         return target

@@ -22,6 +22,9 @@ class Classification(Task):
     def stratify_key(self, target: Any) -> int:
         return int(target)
 
+    def describe_metric(self, value: float, split: str) -> str:
+        return f"{split} acc {value:.2%}"
+
     def predict_batch(self, bundle: Any, pixels: np.ndarray, sizes: Sequence[tuple[int, int]], *,
                       guardrails: Any = None, top_k: int = 5) -> list[dict[str, Any]]:
         logits, features = bundle.predict_uint8(pixels)

@@ -103,6 +103,9 @@ class Detection(Task):
             out[i] = target
         return out
 
+    def describe_metric(self, value: float, split: str) -> str:
+        return f"{split} mAP@[.5:.95] {value:.3f}"
+
     def stratify_key(self, target: Any) -> int:
         """The image's least frequent class would be best; its smallest class id is stable and close (-1: none)."""
         return int(target.labels.min()) if len(target) else -1

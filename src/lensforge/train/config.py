@@ -72,6 +72,7 @@ class TrainConfig(BaseModel):
     test_fraction: float = Field(0.15, ge=0, lt=0.9)
     splits_file: str | None = None
     on_bad_image: Literal["fail", "skip"] = "fail"
+    on_bad_label: Literal["fail", "skip"] = "fail"  # detection labels: degenerate boxes, unknown classes, ...
     seed: int = Field(0, ge=0)
     health_every: int = Field(10, ge=1)  # per-layer gradient norms every N steps
     tensorboard: bool = False

@@ -59,6 +59,8 @@ class TrainResult:
     best_val_acc: float
     resolved: Resolved
     timings_s: dict[str, float]
+    # the metric ``best_val_acc`` holds: "acc" (classification), "map" (detection, COCO mAP@[.5:.95])
+    primary_metric: str = "acc"
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> TrainConfig:
@@ -170,7 +172,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, **kwargs: Any) -> Any:
     """
     from lensforge.tasks import get_task
 
-    source = open_source(prepare_run_dir(cfg, resume).data)
+    resolved = prepare_run_dir(cfg, resume)
+    source = open_source(resolved.data, on_bad_label=resolved.on_bad_label)
     return get_task(source.task).torch().train(cfg, resume=resume, source=source, **kwargs)
 
 
