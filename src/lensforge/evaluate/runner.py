@@ -133,16 +133,30 @@ def evaluate(target_path: str | Path, data: str | None = None, *, split: str = "
              run_dir: str | Path | None = None) -> EvalResult:
     """Evaluate a run folder or bundle on ``split`` of ``data`` (default: the run's own data).
 
-    A calibrated bundle is scored on the probabilities it ships (its temperature applied), with
-    ``ece_uncalibrated`` beside ``ece``; ``at_chance`` says whether it beats the majority class.
+    The artifact's task decides the metrics (:meth:`lensforge.tasks.Task.torch`): a classifier's
+    are below (:func:`evaluate_classifier`), a detector's in :mod:`lensforge.evaluate.detection_runner`.
     ``run_dir`` names the run of a bundle kept outside it (its data and splits are used).
     """
+    from lensforge.artifacts import resolve_artifact
+    from lensforge.tasks import get_task
+
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
-    path = Path(target_path)
-    if not path.exists():
-        raise UsageError(f"'{path}' does not exist (expected a run folder or a bundle)")
-    target = open_target(path, batch_size, run_dir=run_dir)
+    artifact = resolve_artifact(target_path, run_dir=run_dir)
+    return get_task(artifact.task).torch().evaluate(artifact, data, split=split, batch_size=batch_size,
+                                                    on_bad_image=on_bad_image, seed=seed, write=write,
+                                                    mistakes=mistakes)
+
+
+def evaluate_classifier(artifact: Any, data: str | None = None, *, split: str = "test", batch_size: int = 256,
+                        on_bad_image: str = "fail", seed: int = 0, write: bool = True, mistakes: int = 16
+                        ) -> EvalResult:
+    """A classifier's metrics on ``split``.
+
+    A calibrated bundle is scored on the probabilities it ships (its temperature applied), with
+    ``ece_uncalibrated`` beside ``ece``; ``at_chance`` says whether it beats the majority class.
+    """
+    target = open_target(artifact.path, batch_size, run_dir=artifact.run_dir)
     data_spec, table, indices, targets = split_of(target, data, split, on_bad_image=on_bad_image, seed=seed)
     logits = predict_table(target.predict, table.images[indices], batch_size)
     metrics = {"split": split, "evaluated": target.kind, "data": data_spec,

@@ -16,6 +16,11 @@ class ClassificationTorch:
 
         return create_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
 
+    def evaluate(self, artifact: Any, data: str | None = None, **kwargs: Any) -> Any:
+        from lensforge.evaluate.runner import evaluate_classifier
+
+        return evaluate_classifier(artifact, data, **kwargs)
+
     def export_module(self, model: Any, info: dict[str, Any] | None = None) -> Any:
         """``(logits, penultimate features)`` from a timm-style classifier."""
         from lensforge.deploy.export import LogitsAndFeatures
