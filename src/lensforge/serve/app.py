@@ -48,13 +48,14 @@ from lensforge.serve.requests import (
     predict_openapi,
     read_body,
 )
-from lensforge.tasks.classification import classification_row, softmax
+from lensforge.tasks import get_task
 
 logger = logging.getLogger("lensforge.serve")
 
 BUNDLE_ENV = "LENSFORGE_SERVE_BUNDLE"  # how run_server hands the bundle to worker processes
 CONFIG_ENV = "LENSFORGE_SERVE_CONFIG"  # ... and the ServeConfig, as JSON
 DEFAULT_LOW_CONFIDENCE = 0.5  # without an abstain threshold in the bundle
+GUARDRAIL_KEYS = ("ood", "ood_score", "quality", "abstain")  # what Guardrails.check adds to a prediction row
 DECODE_THREADS = max(2, min(8, os.cpu_count() or 1))  # concurrent image decodes, each up to max_image_pixels
 ROUTES = ("/healthz", "/readyz", "/v1/model", "/v1/drift", "/metrics", "/v1/predict")
 
@@ -68,6 +69,8 @@ class ModelService:
         # verifies every file's SHA-256; no spinning ORT threads: the cores are shared with HTTP handling
         self.bundle: Bundle = load_bundle(bundle_path, spin=False)
         self.guardrails = guardrails_for(self.bundle)
+        self.task = get_task(self.bundle.task)
+        self.class_index = {name: i for i, name in enumerate(self.bundle.class_names)}
         abstain = self.guardrails.abstain if self.guardrails is not None else None
         self.low_confidence = (cfg.low_confidence if cfg.low_confidence is not None
                                else abstain.threshold if abstain is not None else DEFAULT_LOW_CONFIDENCE)
@@ -91,20 +94,25 @@ class ModelService:
     # ------------------------------------------------------------------ inference (worker thread)
 
     def run_model(self, images: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
-        """Calibrated probabilities and guardrail verdicts of a batch, one dict per image."""
-        logits, features = self.bundle.predict_uint8(images)
-        probs = softmax(logits, self.bundle.temperature)
-        checks = (self.guardrails.check(logits, features, images, sizes) if self.guardrails is not None
-                  else [{} for _ in range(len(images))])
+        """The task's prediction rows (:meth:`lensforge.tasks.Task.predict_batch`) and guardrail verdicts.
+
+        One dict per image: ``row`` (what ``predict`` prints, without the guardrail keys), ``probs``
+        (a classifier's calibrated probabilities, for the drift monitor; None for other tasks) and
+        the verdicts. Low confidence is a classifier's: its top probability under the threshold.
+        """
+        rows = self.task.predict_batch(self.bundle, images, sizes, guardrails=self.guardrails,
+                                       top_k=self.bundle.num_classes)
         ood_threshold = self.guardrails.ood.threshold if self.guardrails and self.guardrails.ood else None
         results = []
-        for row_probs, check in zip(probs, checks):
-            low_confidence = bool(row_probs.max() < self.low_confidence)
+        for row in rows:
+            check = {key: row.pop(key) for key in GUARDRAIL_KEYS if key in row}
+            low_confidence = bool(row.get("confidence", 1.0) < self.low_confidence)
             ood = ({"flag": check["ood"], "score": check["ood_score"], "threshold": ood_threshold}
                    if "ood" in check else None)
             quality = check.get("quality", [])
             results.append({
-                "probs": row_probs,
+                "row": row,
+                "probs": self._probs(row),
                 "ood": ood,
                 "low_confidence": low_confidence,
                 "input_quality": quality,
@@ -112,13 +120,23 @@ class ModelService:
             })
         return results
 
+    def _probs(self, row: dict[str, Any]) -> np.ndarray | None:
+        """A classifier row's full probability vector (its top_k lists every class here), else None."""
+        if "top_k" not in row:
+            return None
+        probs = np.zeros(self.bundle.num_classes)
+        for entry in row["top_k"]:
+            probs[self.class_index[entry["label"]]] = entry["prob"]
+        return probs
+
     def infer(self, images: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
         """:meth:`run_model`, counted in the metrics and fed to the drift monitor (the batcher's infer)."""
         results = self.run_model(images, sizes)
         ood = [r["ood"]["flag"] for r in results if r["ood"] is not None]
         self.metrics.count_images(len(results), sum(ood), sum(r["low_confidence"] for r in results),
                                   sum(r["abstain"] for r in results))
-        if self.drift is not None:
+        self.metrics.count_detections([d["label"] for r in results for d in r["row"].get("detections", [])])
+        if self.drift is not None and all(r["probs"] is not None for r in results):
             flags = np.array(ood, dtype=bool) if len(ood) == len(results) else None
             try:
                 self.drift.update(images, np.stack([r["probs"] for r in results]), flags)
@@ -127,9 +145,12 @@ class ModelService:
         return results
 
     def prediction(self, result: dict[str, Any], name: str | None, top_k: int) -> dict[str, Any]:
+        row = dict(result["row"])
+        if "top_k" in row:
+            row["top_k"] = row["top_k"][:top_k]
         return {
             "name": name,
-            **classification_row(result["probs"], self.bundle.class_names, top_k),
+            **row,
             "guardrails": {key: result[key] for key in ("ood", "low_confidence", "input_quality", "abstain")},
         }
 

@@ -40,6 +40,8 @@ class ServeMetrics:
         self.low_confidence = Counter("lensforge_images_low_confidence",
                                       "Images whose calibrated confidence is below the low-confidence threshold",
                                       registry=reg)
+        self.detections = Counter("lensforge_detections", "Objects detected (detection bundles), by class",
+                                  ["label"], registry=reg)
         self.abstained = Counter("lensforge_images_abstained", "Images the guardrails say not to trust",
                                  registry=reg)
         depth = Gauge("lensforge_queue_depth_images", "Images waiting for a batch", registry=reg)
@@ -62,6 +64,10 @@ class ServeMetrics:
         self.ood.inc(ood)
         self.low_confidence.inc(low_confidence)
         self.abstained.inc(abstained)
+
+    def count_detections(self, labels: list[str]) -> None:
+        for label in labels:
+            self.detections.labels(label=label).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
