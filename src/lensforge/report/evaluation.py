@@ -19,6 +19,7 @@ from lensforge.report.blocks import (
     Text,
     Thumb,
 )
+from lensforge.report.detection import detection_split_blocks
 from lensforge.report.formatting import as_float, fmt_int, fmt_percent, fmt_text
 from lensforge.report.registry import register_section
 from lensforge.report.runfiles import RunFiles
@@ -43,10 +44,15 @@ def evaluation_section(run: RunFiles) -> Section | None:
 def _split_title(split: str, scores: dict[str, Any]) -> str:
     evaluated = _EVALUATED.get(str(scores.get("evaluated")), "")
     suffix = f", evaluated on {evaluated}" if evaluated else ""
-    return f"{split.capitalize()} split — {fmt_int(scores.get('num_samples'))} images{suffix}"
+    images = scores.get("num_samples", scores.get("images"))
+    return f"{split.capitalize()} split — {fmt_int(images)} images{suffix}"
 
 
 def _split_blocks(run: RunFiles, scores: dict[str, Any]) -> list[Block]:
+    return SPLIT_BLOCKS.get(str(scores.get("task", "classification")), _classification_blocks)(run, scores)
+
+
+def _classification_blocks(run: RunFiles, scores: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [Stats([
         Stat("Accuracy", fmt_percent(scores.get("accuracy"))),
         Stat("Macro-F1", fmt_percent(scores.get("macro_f1"))),
@@ -72,6 +78,9 @@ def _split_blocks(run: RunFiles, scores: dict[str, Any]) -> list[Block]:
     if scores.get("mistakes"):
         blocks.append(_mistakes_gallery(run, scores["mistakes"]))
     return blocks
+
+
+SPLIT_BLOCKS = {"classification": _classification_blocks, "detection": detection_split_blocks}  # by task
 
 
 def _class_names(run: RunFiles, scores: dict[str, Any]) -> list[str]:

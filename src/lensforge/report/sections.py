@@ -51,11 +51,19 @@ def summary_section(run: RunFiles) -> Section | None:
     timings = info.get("timings_s") or {}
     manifest = run.manifest
     bundle_size = _bundle_bytes(manifest) if manifest else None
+    if scores.get("task") == "detection":
+        from lensforge.report.detection import detection_stats
+
+        headline = detection_stats(scores, label)[:3]
+    else:
+        headline = [
+            Stat(f"{label} accuracy", fmt_percent(scores.get("accuracy")),
+                 note=f"{fmt_int(scores.get('num_samples'))} images" if scores else ""),
+            Stat(f"{label} macro-F1", fmt_percent(scores.get("macro_f1"))),
+            Stat(f"{label} ECE", fmt_percent(scores.get("ece")), note=ece_note(scores)),
+        ]
     stats = Stats([
-        Stat(f"{label} accuracy", fmt_percent(scores.get("accuracy")),
-             note=f"{fmt_int(scores.get('num_samples'))} images" if scores else ""),
-        Stat(f"{label} macro-F1", fmt_percent(scores.get("macro_f1"))),
-        Stat(f"{label} ECE", fmt_percent(scores.get("ece")), note=ece_note(scores)),
+        *headline,
         Stat("Parameters", fmt_count(info.get("params"))),
         Stat("Training time", fmt_seconds(timings.get("train")),
              note=f"best epoch {fmt_int(info.get('best_epoch'))}"
