@@ -7,7 +7,10 @@ CLI and config files can name them:
 - ``builtin:digits`` — scikit-learn's 1,797 real 8x8 handwritten digits;
 - ``builtin:shapes?n=5000&size=32&domain=shifted&noise=0.1`` — procedural shapes;
 - a folder in ImageFolder layout, optionally split into ``train/ val/ test/``;
-- a ``.csv`` or ``.jsonl`` manifest with ``path,label[,split]``.
+- a ``.csv`` or ``.jsonl`` manifest with ``path,label[,split]``;
+- detection data (``task="detection"``): COCO, YOLO, Pascal VOC, Label Studio or a box CSV,
+  found from the path by :func:`lensforge.data.detection.detect_format`;
+- ``builtin:shapes?task=detect`` — several shapes per image with boxes.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Source:
         color_mode: "RGB" or "L", the natural colour mode of the data.
         arrays: for built-in sources, the images as uint8 (N, H, W[, C]).
         annotations: optional per-sample extras (boxes, masks) for later tasks.
+        problems: labels left out under ``on_bad_label="skip"`` (and unannotated tasks), as
+            ``{"origin", "reason"}`` with a one-line reason naming the file and line or id.
     """
 
     spec: str
@@ -64,6 +69,7 @@ class Source:
     arrays: np.ndarray | None = None
     annotations: dict[str, np.ndarray] = field(default_factory=dict)
     flip_invariant: bool = True  # False where a mirrored image changes class (digits, text)
+    problems: list[dict[str, str]] = field(default_factory=list)
 
     def load(self, record: SampleRecord, mode: str) -> Image.Image:
         """Decode one record as a ``mode`` image; raises DataError for a bad file."""
@@ -88,10 +94,16 @@ def list_sources(pattern: str = "*") -> list[str]:
 
 
 def open_source(spec: str | Path, **options: Any) -> Source:
-    """Open a source from a spec string (see module doc); ``options`` override query options."""
+    """Open a source from a spec string (see module doc); ``options`` override query options.
+
+    ``on_bad_label`` ("fail" or "skip") applies to detection data and is ignored by the others.
+    """
+    from lensforge.data.detection import check_policy, detect_format
+
     text = str(spec).strip()
     if not text:
         raise UsageError("--data is empty: give builtin:digits, builtin:shapes, a folder or a CSV/JSONL file")
+    on_bad_label = check_policy(options.pop("on_bad_label", "fail"))
     if text.startswith("builtin:"):
         name, _, query = text.partition("?")
         params: dict[str, Any] = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
@@ -102,11 +114,14 @@ def open_source(spec: str | Path, **options: Any) -> Source:
     path = Path(text).expanduser()
     if not path.exists():
         raise DataError(f"data path '{path}' does not exist")
+    detection_format = detect_format(path)
+    if detection_format is not None:
+        return SOURCES.get(detection_format)(path=path, on_bad_label=on_bad_label, **options)
     if path.is_dir():
         return SOURCES.get("folder")(root=path, **options)
     if path.suffix.lower() in (".csv", ".jsonl"):
         return SOURCES.get("manifest")(path=path, **options)
-    raise DataError(f"data path '{path}' is neither a folder nor a .csv/.jsonl manifest")
+    raise DataError(f"data path '{path}' is neither a folder, a .csv/.jsonl manifest nor a COCO/Label Studio .json")
 
 
 def _int_option(params: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -144,8 +159,12 @@ def shapes_source(**params: Any) -> Source:
     from lensforge.data.shapes import ShapesDomain, generate_shapes
 
     params = dict(params)
+    task = str(params.pop("task", "classify"))
+    if task not in ("classify", "classification", "detect", "detection"):
+        raise UsageError(f"data option task={task!r} must be classify or detect")
+    detect = task.startswith("detect")
     n = _int_option(params, "n", 3000, 1, 5_000_000)
-    size = _int_option(params, "size", 32, 8, 1024)
+    size = _int_option(params, "size", 128 if detect else 32, 8, 1024)
     seed = _int_option(params, "seed", 0, 0, 2**31 - 1)
     domain = ShapesDomain.preset(str(params.pop("domain", "source")))
     overrides: dict[str, Any] = {}
@@ -160,6 +179,10 @@ def shapes_source(**params: Any) -> Source:
     _reject_unknown(params, "builtin:shapes")
     if overrides:
         domain = ShapesDomain(**{**domain.__dict__, **overrides})
+    if detect:
+        from lensforge.data.shapes_detect import shapes_detect_source
+
+        return shapes_detect_source(n, size=size, seed=seed, domain=domain)
     data = generate_shapes(n, size=size, seed=seed, domain=domain)
     domain_fields = {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in domain.__dict__.items()}
     query = urllib.parse.urlencode({"n": n, "size": size, "seed": seed, **domain_fields}, safe=",")
@@ -252,3 +275,7 @@ def manifest_source(path: str | Path, **params: Any) -> Source:
 
 def is_image_name(path: str) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+# Detection sources register themselves in SOURCES; imported last, as they build on the names above.
+from lensforge.data import detection as _detection  # noqa: E402, F401
