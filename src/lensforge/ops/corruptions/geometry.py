@@ -33,33 +33,62 @@ def _affine(linear: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Te
     return matrices
 
 
-@register_corruption("rotation", "viewpoint")
-def rotation(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Camera roll: rotation about the centre by the severity's angle, either way."""
+# Each viewpoint corruption is its matrices (output -> input pixel coordinates, centred; see
+# _ops.warp_projective) and a warp by them: lensforge.ops.corruptions.boxes moves a detector's
+# boxes with the same matrices, drawn from the same generator.
+
+
+def rotation_matrices(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
     angle = math.radians(ROTATION_DEG[severity - 1]) * _ops.random_sign(generator, n, device=x.device)
     cos, sin = angle.cos(), angle.sin()
     linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
-    return _ops.warp_projective(x, _affine(linear))
+    return _affine(linear)
+
+
+def scale_matrices(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    factor = SCALE_FACTOR[severity - 1] ** _ops.random_sign(generator, n, device=x.device)
+    return _affine(torch.eye(2, device=x.device)[None] / factor[:, None, None])  # output -> input coordinates
+
+
+def translation_matrices(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    distance = TRANSLATION_SHARE[severity - 1] * min(x.shape[-2:])
+    direction = _ops.uniform(generator, (n,), 0.0, 2 * math.pi, device=x.device)
+    shift = distance * torch.stack([direction.cos(), direction.sin()], -1)
+    return _affine(torch.eye(2, device=x.device).expand(n, 2, 2), shift)
+
+
+def perspective_matrices(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    half = x.new_tensor([(w - 1) / 2, (h - 1) / 2])
+    corners = x.new_tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half  # centred pixel coordinates
+    pull = PERSPECTIVE_DISTORTION[severity - 1] * _ops.uniform(generator, (n, 4, 2), 0.5, 1.0, device=x.device)
+    moved = corners * (1 - pull)  # where each corner of the input lands in the output
+    return _homography(moved, corners.expand(n, 4, 2))
+
+
+MATRICES = {"rotation": rotation_matrices, "scale": scale_matrices, "translation": translation_matrices,
+            "perspective": perspective_matrices}  # the corruptions that move content, by name
+
+
+@register_corruption("rotation", "viewpoint")
+def rotation(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    """Camera roll: rotation about the centre by the severity's angle, either way."""
+    return _ops.warp_projective(x, rotation_matrices(x, severity, generator))
 
 
 @register_corruption("scale", "viewpoint")
 def scale(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Closer or farther: zoom about the centre by the factor (in) or its inverse (out)."""
-    n = x.shape[0]
-    factor = SCALE_FACTOR[severity - 1] ** _ops.random_sign(generator, n, device=x.device)
-    linear = torch.eye(2, device=x.device)[None] / factor[:, None, None]  # output -> input coordinates
-    return _ops.warp_projective(x, _affine(linear))
+    return _ops.warp_projective(x, scale_matrices(x, severity, generator))
 
 
 @register_corruption("translation", "viewpoint")
 def translation(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Off-centre framing: a shift by the severity's share of the side, in a random direction."""
-    n = x.shape[0]
-    distance = TRANSLATION_SHARE[severity - 1] * min(x.shape[-2:])
-    direction = _ops.uniform(generator, (n,), 0.0, 2 * math.pi, device=x.device)
-    shift = distance * torch.stack([direction.cos(), direction.sin()], -1)
-    return _ops.warp_projective(x, _affine(torch.eye(2, device=x.device).expand(n, 2, 2), shift))
+    return _ops.warp_projective(x, translation_matrices(x, severity, generator))
 
 
 @register_corruption("perspective", "viewpoint")
@@ -69,12 +98,7 @@ def perspective(x: torch.Tensor, severity: int, generator: torch.Generator) -> t
     As torchvision's ``RandomPerspective`` (corners pulled in by up to ``distortion`` times half
     the side), but with at least half the maximum, so severities do not overlap.
     """
-    n, _, h, w = x.shape
-    half = x.new_tensor([(w - 1) / 2, (h - 1) / 2])
-    corners = x.new_tensor([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half  # centred pixel coordinates
-    pull = PERSPECTIVE_DISTORTION[severity - 1] * _ops.uniform(generator, (n, 4, 2), 0.5, 1.0, device=x.device)
-    moved = corners * (1 - pull)  # where each corner of the input lands in the output
-    return _ops.warp_projective(x, _homography(moved, corners.expand(n, 4, 2)))
+    return _ops.warp_projective(x, perspective_matrices(x, severity, generator))
 
 
 def _homography(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
