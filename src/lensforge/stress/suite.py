@@ -223,19 +223,32 @@ def stress(target: str | Path, data: str | None = None, *, cfg: StressConfig | N
            run_dir: str | Path | None = None) -> StressResult:
     """Run the corruption suite (and stability) on a bundle or run; compare to a reference and int8 variants.
 
+    The artifact's task decides what is measured: a classifier's accuracy (below,
+    :func:`stress_classifier`), a detector's mAP (:mod:`lensforge.stress.detection`).
     ``compare`` defaults to the int8 variants of the target's run (``RUN/variants/*/bundle``);
     pass ``[]`` for none. The summary goes to ``RUN/stress/corruptions.json`` when the target
     belongs to a run, and to ``json_out`` when given. ``run_dir`` names the run of a bundle
     kept outside it (a shipped variant): its data and test split are used.
     """
+    from lensforge.artifacts import resolve_artifact
+    from lensforge.tasks import get_task
+
+    artifact = resolve_artifact(target, run_dir=run_dir)
+    return get_task(artifact.task).torch().stress(
+        artifact, data, cfg=cfg or StressConfig(), reference=reference, compare=compare, json_out=json_out,
+        write=write, show_progress=show_progress)
+
+
+def stress_classifier(artifact: Any, data: str | None = None, *, cfg: StressConfig,
+                      reference: str | Path | None = None, compare: list[str | Path] | None = None,
+                      json_out: str | Path | None = None, write: bool = True,
+                      show_progress: bool = True) -> StressResult:
+    """A classifier's accuracy under the suite (see :func:`stress`)."""
     from lensforge.ops.corruptions import suite_plan
 
-    cfg = cfg or StressConfig()
     plan = suite_plan(cfg.suite)
-    path = Path(target)
-    if not path.exists():
-        raise UsageError(f"'{path}' does not exist (expected a run folder or a bundle)")
-    main = open_target(path, cfg.batch_size, run_dir=run_dir)
+    path = artifact.path
+    main = open_target(path, cfg.batch_size, run_dir=artifact.run_dir)
     data_spec, table, indices, targets = split_of(main, data, cfg.split, seed=cfg.seed)
     if cfg.max_images and len(indices) > cfg.max_images:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(indices))[:cfg.max_images])

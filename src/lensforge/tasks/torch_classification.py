@@ -21,6 +21,11 @@ class ClassificationTorch:
 
         return evaluate_classifier(artifact, data, **kwargs)
 
+    def stress(self, artifact: Any, data: str | None = None, **kwargs: Any) -> Any:
+        from lensforge.stress.suite import stress_classifier
+
+        return stress_classifier(artifact, data, **kwargs)
+
     def export_module(self, model: Any, info: dict[str, Any] | None = None) -> Any:
         """``(logits, penultimate features)`` from a timm-style classifier."""
         from lensforge.deploy.export import LogitsAndFeatures
