@@ -258,13 +258,13 @@ def _target(entry: ImageEntry, info: ImageInfo, index: dict[str, int], issues: L
     coords = np.array(entry.coords, dtype=np.float64).reshape(-1, 4)
     if entry.normalized:
         coords = coords * np.tile(info.display_size if frame == "display" else info.stored_size, 2)
-    if frame == "stored":
-        coords = stored_to_display(coords, info)
+    # checked in the annotation's own frame: rotating would turn an inverted box into a valid one
+    mapped = stored_to_display(coords, info) if frame == "stored" and info.orientation != 1 else coords
     width, height = info.display_size
-    clipped = np.clip(coords, 0, np.array([width, height, width, height], dtype=np.float64))
+    clipped = np.clip(mapped, 0, np.array([width, height, width, height], dtype=np.float64))
     boxes, labels = [], []
-    for box, raw, label, where in zip(clipped, coords, entry.labels, entry.box_wheres):
-        reason = _box_problem(box, raw, (width, height))
+    for raw, box, label, where in zip(coords, clipped, entry.labels, entry.box_wheres):
+        reason = _box_problem(raw, box, (width, height))
         if reason is None and label not in index:
             reason = f"class {label!r} is not one of the class names"
         if reason is not None:
@@ -275,13 +275,14 @@ def _target(entry: ImageEntry, info: ImageInfo, index: dict[str, int], issues: L
     return BoxTarget(np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(labels, dtype=np.int64))
 
 
-def _box_problem(box: np.ndarray, raw: np.ndarray, size: tuple[int, int]) -> str | None:
+def _box_problem(raw: np.ndarray, clipped: np.ndarray, size: tuple[int, int]) -> str | None:
+    """Why a box is unusable: ``raw`` in the annotation's units and frame, ``clipped`` on the decoded image."""
     if not all(math.isfinite(v) for v in raw):
         return "box has a NaN or infinite coordinate"
     if raw[2] <= raw[0] or raw[3] <= raw[1]:
         return (f"degenerate box (width {raw[2] - raw[0]:.4g}, height {raw[3] - raw[1]:.4g} pixels; "
                 "x1 < x2 and y1 < y2 are needed)")
-    if box[2] <= box[0] or box[3] <= box[1]:
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
         return (f"box [{raw[0]:.4g}, {raw[1]:.4g}, {raw[2]:.4g}, {raw[3]:.4g}] lies outside "
                 f"the {size[0]}x{size[1]} image")
     return None
