@@ -161,6 +161,8 @@ def test_yolo_split_subfolders_under_images(tmp_path, formats):
 
 def test_classification_data_is_opened_as_before(tmp_path):
     folder = write_image_folder(tmp_path / "cls")
+    (folder / "classes.txt").write_text("cat\ndog\n")  # names and notes, but no YOLO labels
+    (folder / "notes.txt").write_text("from the shelter\n")
     assert detect_format(folder) is None
     source = open_source(folder, on_bad_label="skip")  # accepted and ignored
     assert source.task == "classification" and source.class_names == ["cat", "dog"] and source.problems == []

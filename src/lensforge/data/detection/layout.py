@@ -4,12 +4,12 @@ A file: ``.json`` holding an object is COCO, holding a list is a Label Studio ex
 ``.csv`` with ``xmin,ymin,xmax,ymax`` columns is a box CSV (``path,label`` stays the
 classification manifest); ``data.yaml`` is its YOLO folder. A folder, checked in this
 order: a COCO file by name (``annotations.json``, ``_annotations.coco.json``,
-``instances*.json``, also under ``annotations/``); YOLO (``images/`` + ``labels/``, a
-``data.yaml``, or ``classes.txt`` beside the images); Pascal VOC (``Annotations/`` or
-``*.xml``); a single JSON list (Label Studio); a single box CSV. A folder whose
-sub-folders are all split names (``train``, ``val``/``valid``, ``test``) is read split by
-split, each in one format. Anything else is not detection data: None, and the caller
-opens it as a classification folder or manifest exactly as before.
+``instances*.json``, also under ``annotations/``); YOLO (``images/`` with ``labels/`` or
+a ``data.yaml``; or a names file and images with their ``.txt`` beside them); Pascal VOC
+(``Annotations/`` or ``*.xml``); a single JSON list (Label Studio); a single box CSV. A
+folder whose sub-folders are all split names (``train``, ``val``/``valid``, ``test``) is
+read split by split, each in one format. Anything else is not detection data: None, and
+the caller opens it as a classification folder or manifest exactly as before.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lensforge.data.decode import IMAGE_SUFFIXES
 from lensforge.data.detection.coco import read_coco
 from lensforge.data.detection.common import LabelIssues, ReadPart, build_source
 from lensforge.data.detection.csv_boxes import is_box_csv, read_box_csv
@@ -68,12 +69,14 @@ def _coco_file(folder: Path) -> Path | None:
 
 
 def _is_yolo(folder: Path) -> bool:
-    if (folder / "images").is_dir() and (folder / "labels").is_dir():
+    """images/ + labels/, or a names file with images/ or with labels beside the images (darknet)."""
+    if (folder / "images").is_dir() and ((folder / "labels").is_dir()
+                                         or any((folder / name).is_file() for name in YAML_NAMES)):
         return True
-    if any((folder / name).is_file() for name in YAML_NAMES):
-        return True
-    return any((folder / name).is_file() for name in TEXT_NAMES) and any(
-        p.name not in TEXT_NAMES for p in folder.glob("*.txt"))
+    if not any((folder / name).is_file() for name in YAML_NAMES + TEXT_NAMES):
+        return False
+    # a classification folder may hold a classes.txt and notes: darknet needs an image with its .txt
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file() for p in folder.iterdir())
 
 
 def _single(folder: Path, suffix: str, check: Callable[[Path], bool]) -> Path | None:
