@@ -27,6 +27,7 @@ import os
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -44,6 +45,9 @@ from lensforge.data.shapes import (
     _waves,
 )
 from lensforge.tasks.detection import BoxTarget
+
+if TYPE_CHECKING:
+    from lensforge.data.sources import Source
 
 MAX_OBJECTS = 6  # shapes per image: uniform in 1..MAX_OBJECTS
 NEGATIVE_FRACTION = 0.05  # images without any shape
@@ -287,7 +291,7 @@ def generate_shapes_detect(n: int, *, size: int = 128, seed: int = 0,
                     for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def shapes_detect_source(n: int, *, size: int = 128, seed: int = 0, domain: ShapesDomain = ShapesDomain()):
+def shapes_detect_source(n: int, *, size: int = 128, seed: int = 0, domain: ShapesDomain = ShapesDomain()) -> Source:
     """The ``builtin:shapes?task=detect`` Source; its spec recreates it."""
     from lensforge.data.sources import SampleRecord, Source
 

@@ -155,7 +155,8 @@ def digits_source(**params: Any) -> Source:
 
 @SOURCES.register("builtin:shapes")
 def shapes_source(**params: Any) -> Source:
-    """Procedural shapes; options n, size, seed, domain (preset) and any ShapesDomain field."""
+    """Procedural shapes; options task (classify, or detect: several per image with boxes), n, size,
+    seed, domain (preset) and any ShapesDomain field."""
     from lensforge.data.shapes import ShapesDomain, generate_shapes
 
     params = dict(params)

@@ -43,6 +43,16 @@ def test_several_shapes_some_negatives_boxes_in_the_image():
     assert ((boxes == 0) | (boxes == 64)).any()  # some shapes are cut by the border
 
 
+def test_threads_do_not_change_the_result(monkeypatch):
+    from lensforge.data import shapes_detect
+
+    threaded = generate_shapes_detect(70, size=256, seed=9)  # 32 images a chunk: 3 chunks
+    monkeypatch.setattr(shapes_detect.os, "cpu_count", lambda: 1)
+    serial = generate_shapes_detect(70, size=256, seed=9)
+    assert np.array_equal(threaded[0], serial[0])
+    assert all(np.array_equal(a.boxes, b.boxes) for a, b in zip(threaded[1], serial[1]))
+
+
 def test_domains_render_the_same_scenes():
     clean = generate_shapes_detect(30, size=48, seed=5)
     shifted = generate_shapes_detect(30, size=48, seed=5, domain=ShapesDomain.preset("shifted"))

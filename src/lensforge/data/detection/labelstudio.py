@@ -88,10 +88,10 @@ def _results(entry: ImageEntry, where: str, results: list[Any], issues: LabelIss
             issues.bad(box_where, f"needs exactly one name in value.rectanglelabels, not {labels!r}")
             continue
         width, height = result.get("original_width"), result.get("original_height")
-        known = isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
+        known = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (width, height))
         if known:
-            entry.recorded_size = (width, height)
-        rect = _rect(value, (width, height) if known else (1.0, 1.0))
+            entry.recorded_size = (round(width), round(height))
+        rect = _rect(value, (float(width), float(height)) if known else (1.0, 1.0))
         if isinstance(rect, str):
             issues.bad(box_where, rect)
             continue
