@@ -187,3 +187,17 @@ def test_split_folders_must_share_classes(tmp_path, formats):
     edit_json(tmp_path / "val" / "annotations.json", lambda d: d["categories"][1].update(name="fox"))
     with pytest.raises(DataError, match=r"lists the classes \['cat', 'fox'\] but .* lists \['cat', 'dog'\]"):
         open_source(tmp_path)
+
+
+def test_layout_errors_name_the_folder(tmp_path, formats):
+    formats.build["yolo"](tmp_path / "mixed" / "train")
+    formats.build["coco"](tmp_path / "mixed" / "val")
+    with pytest.raises(DataError, match=r"mixed: the split folders use different formats \(train: yolo, val: coco\)"):
+        open_source(tmp_path / "mixed")
+    path = formats.build["coco"](tmp_path / "two")
+    (path.parent / "instances_val.json").write_text(path.read_text())
+    with pytest.raises(DataError, match=r"two: several COCO files \(annotations\.json, instances_val\.json\)"):
+        open_source(tmp_path / "two")
+    (tmp_path / "x.json").write_text('"just a string"')
+    with pytest.raises(DataError, match=r"x\.json: neither a COCO file \(an object\) nor a Label Studio export"):
+        open_source(tmp_path / "x.json")

@@ -187,3 +187,12 @@ def test_load_table_scales_boxes_into_letterboxed_input(tmp_path, formats):
     np.testing.assert_allclose(table.targets[1].boxes, np.array([[20, 10, 38, 28], [5, 5, 15, 25]]) * scale,
                                rtol=1e-6)
     assert table.targets[1].labels.tolist() == [1, 0] and len(table.targets[2]) == 0
+
+
+def test_labelstudio_rotated_rectangle_gives_its_extent(tmp_path, formats):
+    path = formats.build["labelstudio"](tmp_path)
+    tasks = json.loads(path.read_text())
+    # 8x3 pixels at (4, 3) on the 40x30 image, turned 90 degrees clockwise about its top-left corner
+    tasks[0]["annotations"][0]["result"][0]["value"].update(x=10, y=10, width=20, height=10, rotation=90)
+    path.write_text(json.dumps(tasks))
+    np.testing.assert_allclose(open_source(path).records[0].target.boxes, [[1, 3, 4, 11]], atol=1e-4)
