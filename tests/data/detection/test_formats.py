@@ -102,6 +102,11 @@ def test_yolo_names_polygons_and_darknet_layout(tmp_path, formats):
         shutil.copy(label, darknet / label.name)
     assert detect_format(darknet) == "yolo"
     assert_targets(open_source(darknet), formats)
+    cvat = tmp_path / "cvat"  # CVAT's YOLO 1.1 export: obj.names beside obj_train_data/
+    shutil.copytree(darknet, cvat / "obj_train_data")
+    (cvat / "obj_train_data" / "classes.txt").rename(cvat / "obj.names")
+    assert detect_format(cvat) == "yolo"
+    assert_targets(open_source(cvat), formats)
     (root / "data.yaml").write_text("nc: 2\nnames: [cat, dog]\n")
     assert_targets(open_source(root / "data.yaml"), formats)
 

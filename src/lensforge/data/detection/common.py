@@ -115,19 +115,25 @@ def probe_image(path: Path) -> ImageInfo | str:
     """Size and orientation from the header (no pixel decoding); a reason string when unreadable."""
     try:
         with Image.open(path) as img:
-            if img.format == "PNG":  # getexif() on a PNG decodes it all when no eXIf chunk precedes the pixels
-                raw = img.info.get("exif")
-                exif = Image.Exif()
-                if raw:
-                    exif.load(raw)
-            else:
-                exif = img.getexif()
-            orientation = exif.get(_EXIF_ORIENTATION, 1)
-            return ImageInfo(img.size, orientation if orientation in range(1, 9) else 1)
+            return ImageInfo(img.size, _orientation(img))
     except FileNotFoundError:
         return f"image {path} not found"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"image {path} cannot be read ({e})"
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        if img.format == "PNG":  # getexif() on a PNG decodes it all when no eXIf chunk precedes the pixels
+            exif = Image.Exif()
+            if img.info.get("exif"):
+                exif.load(img.info["exif"])
+        else:
+            exif = img.getexif()
+        orientation = exif.get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: Pillow's parsers raise many kinds; the pixels are still there
+        return 1
+    return orientation if orientation in range(1, 9) else 1
 
 
 # (x, y) in the stored pixels -> the same point after PIL's exif_transpose, for each orientation;

@@ -76,7 +76,8 @@ def _is_yolo(folder: Path) -> bool:
     if not any((folder / name).is_file() for name in YAML_NAMES + TEXT_NAMES):
         return False
     # a classification folder may hold a classes.txt and notes: darknet needs an image with its .txt
-    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file() for p in folder.iterdir())
+    # (anywhere below: CVAT puts them in obj_train_data/ beside obj.names)
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file() for p in folder.rglob("*"))
 
 
 def _single(folder: Path, suffix: str, check: Callable[[Path], bool]) -> Path | None:
