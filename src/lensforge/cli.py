@@ -182,14 +182,21 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics here.")] = None,
     on_bad_image: Annotated[BadImage, typer.Option(help="What to do with unreadable images.")] = BadImage.fail,
 ) -> None:
-    """Accuracy, macro-F1, per-class precision/recall, confusion matrix, ECE and worst mistakes."""
+    """A classifier's accuracy, macro-F1, per-class scores, confusion matrix, ECE and worst mistakes; a detector's COCO mAP, P/R/F1, PR curves and worst images."""
     from lensforge.evaluate import evaluate as evaluate_api
+    from lensforge.tasks import get_task
     from lensforge.utils.io import atomic_write_json
 
     result = evaluate_api(target, data, split=split, on_bad_image=on_bad_image.value)
     m = result.metrics
     if json_out:
         atomic_write_json(json_out, m)
+    lines = get_task(m.get("task", "classification")).describe_evaluation(m)
+    if lines is not None:  # the task says it itself
+        out.print(f"{m['evaluated']} '{target}' on {m['split']}: " + "\n".join(lines))
+        if result.path:
+            out.print(f"written: {result.path}")
+        return
     uncalibrated = f" ({m['ece_uncalibrated']:.3f} uncalibrated)" if m.get("ece_uncalibrated") is not None else ""
     out.print(f"{m['evaluated']} '{target}' on {m['split']} ({m['num_samples']} images): accuracy {m['accuracy']:.2%}  "
               f"macro-F1 {m['macro_f1']:.3f}  ECE {m['ece']:.3f}{uncalibrated}")
@@ -692,8 +699,12 @@ def data_convert(
     """Convert detection labels (and copy the images) into another format; the source is never changed."""
     from lensforge.data.convert import convert_boxes
 
-    counts = convert_boxes(src, to.value, out_dir, on_bad_label=on_bad_label.value)
-    out.print(f"written: {out_dir} ({to.value}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
+    done = convert_boxes(src, to.value, out_dir, on_bad_label=on_bad_label.value)
+    splits = ", ".join(f"{name} {count}" for name, count in (done.get("splits") or {}).items())
+    out.print(f"written: {out_dir} ({to.value}): {done['images']} images ({done['negatives']} without objects), "
+              f"{done['boxes']} boxes, {done['classes']} classes" + (f"; splits: {splits}" if splits else ""))
+    for problem in done.get("problems") or []:
+        err.print(f"[yellow]skipped[/] {escape(str(problem.get('reason', problem)))}")
 
 
 @app.command("list")

@@ -53,6 +53,10 @@ class Task:
         """The primary metric in words, e.g. 'val acc 98.5%'."""
         return f"{split} {self.primary_metric} {value:.3f}"
 
+    def describe_evaluation(self, metrics: dict[str, Any]) -> list[str] | None:
+        """What ``lensforge evaluate`` prints of ``metrics`` (None: the classifier's lines, built in the CLI)."""
+        return None
+
     def to_input_target(self, target: Any, original_size: tuple[int, int], pre: Any) -> Any:
         """A target in the model input's pixels, given the decoded image's (width, height)."""
         return target

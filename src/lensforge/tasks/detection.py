@@ -106,6 +106,16 @@ class Detection(Task):
     def describe_metric(self, value: float, split: str) -> str:
         return f"{split} mAP@[.5:.95] {value:.3f}"
 
+    def describe_evaluation(self, metrics: dict[str, Any]) -> list[str] | None:
+        def number(key: str) -> str:
+            value = metrics.get(key)
+            return "n/a" if value is None else f"{value:.3f}"
+
+        return [f"{metrics.get('images')} images, {metrics.get('objects')} objects: mAP@[.5:.95] {number('map')}  "
+                f"mAP50 {number('map50')}  mAP75 {number('map75')}  AR@100 {number('mar100')}",
+                f"at score >= {metrics.get('score_threshold', 0):.3g}: precision {metrics.get('precision', 0):.1%}  "
+                f"recall {metrics.get('recall', 0):.1%}  F1 {metrics.get('f1', 0):.3f}"]
+
     def stratify_key(self, target: Any) -> int:
         """The image's least frequent class would be best; its smallest class id is stable and close (-1: none)."""
         return int(target.labels.min()) if len(target) else -1
