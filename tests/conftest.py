@@ -109,6 +109,25 @@ def digitnet_bundle_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return digitnet_bundle(digits, tmp_path_factory.mktemp("digitnet") / "bundle")
 
 
+DETECTION_DATA = "builtin:shapes?task=detect&n=300&size=64&seed=0"  # tiny: 64 px, 1-6 shapes per image
+
+
+@slow_fixture(scope="session")
+def detection_run_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny trained and exported detection run (fcos_tiny, 64 px, 3 epochs) for the whole session.
+
+    It detects little (mAP near 0 after 3 epochs): enough for every stage's plumbing, export
+    parity and row formats, not for accuracy. Read-only: copy it before writing into it.
+    """
+    from lensforge.deploy.from_run import export_run
+    from lensforge.train import resolve_config, train
+
+    out = tmp_path_factory.mktemp("detection-template") / "run"
+    train(resolve_config(None, data=DETECTION_DATA, model="fcos_tiny", epochs=3, out=str(out)), show_progress=False)
+    export_run(out)
+    return out
+
+
 # ---------------------------------------------------------------------------- the slow tier
 
 
