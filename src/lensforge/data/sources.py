@@ -274,6 +274,21 @@ def manifest_source(path: str | Path, **params: Any) -> Source:
     return Source(str(path), "classification", class_names, records)
 
 
+def task_of(spec: str | Path) -> str:
+    """The task of the data at ``spec`` without opening it (no decoding, no generation)."""
+    text = str(spec).strip()
+    if text.startswith("builtin:"):
+        query = dict(urllib.parse.parse_qsl(text.partition("?")[2]))
+        return "detection" if str(query.get("task", "")).startswith("detect") else "classification"
+    from lensforge.data.detection.layout import detect_format
+
+    path = Path(text).expanduser()
+    try:
+        return "detection" if path.exists() and detect_format(path) else "classification"
+    except DataError:
+        return "detection"  # a detection layout with a problem: opening it says what
+
+
 def is_image_name(path: str) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
