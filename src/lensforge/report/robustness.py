@@ -52,6 +52,8 @@ def _points(value: Any) -> str:
 
 
 def _corruption_blocks(data: dict[str, Any]) -> list[Block]:
+    if data.get("task") == "detection":
+        return _detection_corruption_blocks(data)
     corruptions = data.get("corruptions") or {}
     severities = [str(s) for s in data.get("severities") or []]
     names = list(corruptions)
@@ -87,6 +89,41 @@ def _corruption_blocks(data: dict[str, Any]) -> list[Block]:
     blocks.append(Table(("corruption", "family", "mean accuracy", "CE", "relative CE"), rows,
                         caption="Per corruption (CE columns need a reference model)", numeric=(2, 3, 4),
                         collapsed=True))
+    return blocks
+
+
+def _detection_corruption_blocks(data: dict[str, Any]) -> list[Block]:
+    """A detector's suite: mAP per corruption and severity, the mean, box stability, int8 gaps."""
+    corruptions = data.get("corruptions") or {}
+    severities = [str(s) for s in data.get("severities") or []]
+    names = list(corruptions)
+    clean = (data.get("clean") or {}).get("map")
+    blocks: list[Block] = [Text(
+        f"{fmt_text(data.get('suite'))} suite on {fmt_text(data.get('num_images'))} {fmt_text(data.get('split'))} "
+        f"images of {fmt_text(data.get('data'))}, measured on the {fmt_text(data.get('kind'))}; viewpoint "
+        "corruptions move the boxes with the pixels.")]
+    stability = data.get("stability") or {}
+    mean_error = as_float(data.get("mean_corruption_error"))
+    stats = [Stat("Clean mAP@[.5:.95]", fmt_number(clean)),
+             Stat("Mean mAP under corruption", fmt_number(None if mean_error is None else 1 - mean_error),
+                  note="mean over every corruption and severity")]
+    if stability:
+        stats.append(Stat("Detections changed", fmt_percent(stability.get("changed_per_clean_detection")),
+                          note=f"per clean detection under 1-2 px shifts; matched IoU "
+                               f"{fmt_number(stability.get('mean_matched_iou'))}"))
+    blocks.append(Stats(stats))
+    if names and severities:
+        matrix = np.array([[as_float((corruptions[n].get("map") or {}).get(s)) or np.nan for s in severities]
+                           for n in names], dtype=float)
+        blocks.append(Figure(robustness_plots.corruption_heatmap(names, severities, matrix, as_float(clean)),
+                             alt="Heatmap of mAP per corruption and severity",
+                             caption="mAP@[.5:.95] per corruption (rows) and severity (columns) on the shipped "
+                                     "artifact."))
+    for other in data.get("compare") or []:
+        gap = other.get("gap_clean_points") or {}
+        blocks.append(Callout(f"{fmt_text(other.get('path'))}: {_points(gap.get('map'))} mAP points lost on clean "
+                              f"images ({_points(gap.get('map50'))} mAP50 points)",
+                              title="Gap of a compressed variant", tone="info"))
     return blocks
 
 
