@@ -72,8 +72,13 @@ def column(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 
 def learning_curves(metrics: Sequence[dict[str, Any]], best_epoch: int | None = None) -> bytes:
-    """Loss and accuracy (train, val) per epoch, with the learning rate in a small panel."""
+    """Loss and accuracy (train, val) per epoch, with the learning rate in a small panel.
+
+    A detector's rows carry ``val_map`` and ``val_map50`` instead of accuracy: the right panel
+    then shows those (mAP@[.5:.95] and mAP50 on validation, in %).
+    """
     epochs = column(metrics, "epoch")
+    detection = not np.isnan(column(metrics, "val_map")).all()
     if np.isnan(epochs).all():
         epochs = np.arange(1, len(metrics) + 1, dtype=float)
     marker = "o" if len(metrics) <= 30 else None
@@ -81,20 +86,23 @@ def learning_curves(metrics: Sequence[dict[str, Any]], best_epoch: int | None = 
         grid = fig.add_gridspec(2, 2, height_ratios=(3, 1.1))
         loss_ax, acc_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
         lr_ax = fig.add_subplot(grid[1, :], sharex=loss_ax)
-        for ax, key, scale, label in ((loss_ax, "loss", 1.0, "loss"),
-                                      (acc_ax, "acc", 100.0, "accuracy (%)")):
-            for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
-                values = column(metrics, f"{split}_{key}") * scale
+        right = ((("val_map50", "val mAP50", TRAIN_COLOR), ("val_map", "val mAP@[.5:.95]", VAL_COLOR))
+                 if detection else (("train_acc", "train", TRAIN_COLOR), ("val_acc", "val", VAL_COLOR)))
+        panels = ((loss_ax, 1.0, "loss", (("train_loss", "train", TRAIN_COLOR), ("val_loss", "val", VAL_COLOR))),
+                  (acc_ax, 100.0, "mAP (%)" if detection else "accuracy (%)", right))
+        for ax, scale, label, series in panels:
+            for key, name, color in series:
+                values = column(metrics, key) * scale
                 if not np.isnan(values).all():
                     ax.plot(epochs, values, color=color, marker=marker, markersize=3,
-                            linewidth=1.6, label=split)
+                            linewidth=1.6, label=name)
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
             _mark_best(ax, best_epoch)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(loc="best")
         loss_ax.set_title("Loss")
-        acc_ax.set_title("Accuracy")
+        acc_ax.set_title("Validation mAP" if detection else "Accuracy")
         _lr_panel(lr_ax, epochs, column(metrics, "lr"))
         return to_png(fig)
 

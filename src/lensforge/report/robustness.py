@@ -115,7 +115,8 @@ def _detection_corruption_blocks(data: dict[str, Any]) -> list[Block]:
     if names and severities:
         matrix = np.array([[as_float((corruptions[n].get("map") or {}).get(s)) or np.nan for s in severities]
                            for n in names], dtype=float)
-        blocks.append(Figure(robustness_plots.corruption_heatmap(names, severities, matrix, as_float(clean)),
+        blocks.append(Figure(robustness_plots.corruption_heatmap(names, severities, matrix, as_float(clean),
+                                                                 metric="mAP@[.5:.95]"),
                              alt="Heatmap of mAP per corruption and severity",
                              caption="mAP@[.5:.95] per corruption (rows) and severity (columns) on the shipped "
                                      "artifact."))

@@ -14,8 +14,8 @@ SERIES = ("#3b6ea8", "#e07b39", "#5a9e6f", "#8c6bb1", "#c4a000", "#6b6b6b", "#d6
 
 
 def corruption_heatmap(names: Sequence[str], severities: Sequence[str], accuracy: np.ndarray,
-                       clean_accuracy: float | None) -> bytes:
-    """Accuracy (%) per corruption (rows) and severity (columns), one annotated cell each."""
+                       clean_accuracy: float | None, metric: str = "Accuracy") -> bytes:
+    """``metric`` (accuracy, or a detector's mAP) in % per corruption (rows) and severity (columns)."""
     rows = len(names)
     with _styled_figure(max(2.2, 0.24 * rows + 1.2), 5.6) as fig:
         ax = fig.add_subplot()
@@ -27,12 +27,12 @@ def corruption_heatmap(names: Sequence[str], severities: Sequence[str], accuracy
             if np.isfinite(value):
                 ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
                         color="black" if 0.25 < value < 0.85 else "white")
-        title = "Accuracy under corruption (%)"
+        title = f"{metric} under corruption (%)"
         if clean_accuracy is not None:
             title += f" — clean {100 * clean_accuracy:.1f}%"
         ax.set_title(title)
         ax.set_xlabel("severity")
-        fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy (%)")
+        fig.colorbar(image, ax=ax, shrink=0.8, label=f"{metric.lower()} (%)")
         return to_png(fig)
 
 

@@ -206,6 +206,12 @@ def bundle_section(run: RunFiles) -> Section | None:
 
 def _parity_stat(parity: dict[str, Any]) -> Stat:
     """Largest ONNX-vs-PyTorch logit difference against the tolerance it was checked at."""
+    if parity.get("same_detections") is not None:  # a detector: the same boxes after decoding
+        same = as_float(parity.get("same_detections")) or 0.0
+        return Stat("Export parity", f"{fmt_percent(same, 0)} {'✓' if same == 1.0 else '✗'}",
+                    note=f"images with the same decoded detections as PyTorch ({fmt_int(parity.get('n_images'))} "
+                         f"checked); max |Δ logits| {fmt_sci(parity.get('max_abs_diff_cls_logits'))}",
+                    tone="ok" if same == 1.0 else "bad")
     diff = as_float(parity.get("max_abs_diff_logits", parity.get("max_abs_diff")))
     atol = as_float(parity.get("atol"))
     if diff is None:
