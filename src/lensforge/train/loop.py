@@ -53,6 +53,7 @@ class LoopState:
     best_epoch: int = 0
     restores: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    planned_steps: int | None = None  # the schedule's length when a time limit shortened it (detection)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -107,6 +107,8 @@ def train_detector(cfg: TrainConfig, *, resume: bool = False, console: Console |
         console.print(f"resuming [bold]{cfg.out}[/] after epoch {state.epoch}")
     ctx = StepContext(model, optimizer, nn.Identity(), monitor, cfg, state, steps_per_epoch * cfg.epochs,
                       int(cfg.warmup_epochs * steps_per_epoch), resolved.amp, resolved.device)
+    if state.planned_steps:  # a resumed run whose schedule its time limit shortened
+        ctx.total_steps = state.planned_steps
     points = anchor_points(head, resolved.device)
     _fit(ctx, points, head, train_batches, val_batches, resolved, console, show_progress, on_epoch_end)
     timings["train"] = time.perf_counter() - started - timings["data"]
@@ -189,10 +191,31 @@ def _fit(ctx: StepContext, points: AnchorPoints, head: DetectionHead, train_batc
             if cfg.early_stopping and state.epoch - state.best_epoch >= cfg.early_stopping:
                 console.print(f"early stop: no val mAP improvement for {cfg.early_stopping} epochs")
                 break
+            if state.epoch == 1 and first_epoch == 0:
+                _fit_schedule_to_time(ctx, time.perf_counter() - started, console)
             if _out_of_time(cfg, started, state.epoch - first_epoch, state.epoch < cfg.epochs):
                 console.print(f"time limit {cfg.time_limit_s:.0f}s: stopping after epoch {state.epoch} "
                               f"of {cfg.epochs} (best epoch {state.best_epoch} is kept)")
                 break
+
+
+def _fit_schedule_to_time(ctx: StepContext, first_epoch_s: float, console: Console) -> None:
+    """After the first epoch, shorten the learning-rate schedule to the epochs the time limit allows.
+
+    Without this a time limit stops a one-cycle schedule planned for ``--epochs`` before it
+    anneals, and the best weights are those of a high learning rate. The shortened length is
+    kept in the loop state, so ``--resume`` continues the same schedule.
+    """
+    cfg = ctx.cfg
+    if cfg.time_limit_s is None:
+        return
+    fits = max(1, int(cfg.time_limit_s // max(first_epoch_s, 1e-9)))
+    if fits >= cfg.epochs:
+        return
+    ctx.total_steps = ctx.total_steps // cfg.epochs * fits
+    ctx.state.planned_steps = ctx.total_steps
+    console.print(f"time limit {cfg.time_limit_s:.0f}s: {fits} of {cfg.epochs} epochs fit at {first_epoch_s:.1f} s "
+                  f"each; the learning-rate schedule now ends at epoch {fits}")
 
 
 ROW_ORDER = ("epoch", "step", "train_loss", "loss_cls", "loss_box", "loss_ctr", "val_loss", "val_map", "val_map50",
