@@ -58,19 +58,31 @@ def _scores(predictions: list[Detections], targets: list[BoxTarget], class_names
 
 
 def _corrupted_targets(targets: list[BoxTarget], moved: list[np.ndarray], kept: list[np.ndarray],
-                       scales: list[float]) -> list[BoxTarget]:
-    """Moved boxes (input pixels) back to original pixels, with the labels of the boxes still there."""
-    return [BoxTarget(boxes / np.float32(scale), target.labels[keep])
-            for target, boxes, keep, scale in zip(targets, moved, kept, scales)]
+                       scales: list[float], sizes: list[tuple[int, int]] | None = None) -> list[BoxTarget]:
+    """Moved boxes (input pixels) back to original pixels, clipped to each image (not its letterbox
+    padding), with the labels of the boxes still there."""
+    out = []
+    for i, (target, boxes, keep, scale) in enumerate(zip(targets, moved, kept, scales)):
+        original, labels = boxes / np.float32(scale), target.labels[keep]
+        if sizes is not None:
+            width, height = sizes[i]
+            original = np.clip(original, 0, np.array([width, height, width, height], dtype=np.float32))
+            solid = (original[:, 2] - original[:, 0] >= 1) & (original[:, 3] - original[:, 1] >= 1)
+            original, labels = original[solid], labels[solid]
+        out.append(BoxTarget(original, labels))
+    return out
 
 
 def stress_detector(artifact: Artifact, data: str | None = None, *, cfg: Any = None,
-                    compare: list[str | Path] | None = None, json_out: str | Path | None = None,
-                    write: bool = True, show_progress: bool = True, **_: Any) -> Any:
+                    reference: str | Path | None = None, compare: list[str | Path] | None = None,
+                    json_out: str | Path | None = None, write: bool = True, show_progress: bool = True) -> Any:
     """The corruption suite and box stability of a detection run or bundle (see the module doc)."""
+    from lensforge.errors import UsageError
     from lensforge.evaluate.runner import select_split
     from lensforge.stress.suite import StressConfig, StressResult
 
+    if reference is not None:
+        raise UsageError("--reference (mCE against a reference model) is not built for detectors yet: drop it")
     cfg = cfg or StressConfig()
     plan = suite_plan(cfg.suite)
     main = open_detector(artifact, cfg.batch_size)
@@ -100,7 +112,7 @@ def stress_detector(artifact: Artifact, data: str | None = None, *, cfg: Any = N
             pixels, moved, kept = corrupt_with_boxes(torch.from_numpy(images), [t.boxes * s for t, s in
                                                                                  zip(targets, scales)],
                                                      corruption, severity, seed=cfg.seed)
-            moved_targets = _corrupted_targets(targets, moved, kept, scales)
+            moved_targets = _corrupted_targets(targets, moved, kept, scales, sizes)
             for name, model in models.items():
                 found = _detect(model, pixels.numpy(), scales, sizes, cfg.batch_size)
                 results[name][f"{corruption}@{severity}"] = _scores(found, moved_targets, main.class_names)
