@@ -65,12 +65,12 @@ def interleaved_latency(bundles: list[Path], *, batch: int = 1, rounds: int = 7,
     loaded = [load_bundle(path, intra_op_num_threads=threads) for path in bundles]
     rng = np.random.default_rng(seed)
     # random uint8 pixels, each bundle its own input size, the same array on every call; timed
-    # through predict_uint8, so a version-1 bundle pays its NumPy normalisation as it would in use
+    # through outputs_uint8 (any task), so a version-1 bundle pays its NumPy normalisation as it would in use
     inputs = [rng.integers(0, 256, (batch, b.preprocess.channels, *b.preprocess.input_size), dtype=np.uint8)
               for b in loaded]
     for bundle, x in zip(loaded, inputs):  # warm-up: first runs allocate and pick kernels
         for _ in range(5):
-            bundle.predict_uint8(x)
+            bundle.outputs_uint8(x)
     samples: list[list[float]] = [[] for _ in loaded]
     order = list(range(len(loaded)))
     for _ in range(rounds):
@@ -78,7 +78,7 @@ def interleaved_latency(bundles: list[Path], *, batch: int = 1, rounds: int = 7,
             bundle, x = loaded[i], inputs[i]
             for _ in range(calls):
                 start = time.perf_counter_ns()
-                bundle.predict_uint8(x)
+                bundle.outputs_uint8(x)
                 samples[i].append((time.perf_counter_ns() - start) / 1e6)
         order.reverse()  # alternate who goes first: caches and clock ramps favour no bundle
     return [{"p50": float(np.percentile(s, 50)), "p90": float(np.percentile(s, 90)),

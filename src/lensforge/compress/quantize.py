@@ -289,6 +289,23 @@ def input_preprocessing_nodes(model: onnx.ModelProto | str | os.PathLike[str]) -
     return chain
 
 
+def module_nodes(model: onnx.ModelProto | str | os.PathLike[str], module: str) -> list[str]:
+    """Names of the nodes the dynamo exporter made from ``module`` (a dotted path such as
+    ``net.model.head``) and its children, read from each node's ``namespace`` metadata.
+
+    What ``exclude_nodes`` takes to keep a part of the network in float, e.g. a detector's head.
+    Empty for graphs without that metadata (the legacy exporter).
+    """
+    graph = (model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)).graph
+    found = []
+    for node in graph.node:
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        paths = [part.split(":")[0].strip() for part in namespace.split("/")]
+        if any(path == module or path.startswith(module + ".") for path in paths):
+            found.append(node.name)
+    return found
+
+
 def convert_fp16(
     bundle: Bundle | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -697,14 +714,19 @@ class _CalibrationReader:
 
 
 def _parity(parent: Bundle, model_path: Path, images: np.ndarray) -> dict[str, Any]:
-    """Agreement of the new model with its parent on ``images`` (recorded in the manifest)."""
+    """Agreement of the new model with its parent on ``images`` (recorded in the manifest).
+
+    Compared on the bundle's first output: a classifier's logits, a detector's class logits
+    (its "top-1" is then the best class of each anchor point).
+    """
     ours, theirs = [], []
+    first = parent.output_names[0]
     try:
         session = _session(model_path)
         for start in range(0, len(images), _CALIBRATION_BATCH):
             pixels = images[start : start + _CALIBRATION_BATCH]
-            ours.append(session.run(["logits"], {parent.input_name: parent.model_input(pixels)})[0])
-            theirs.append(parent.predict_uint8(pixels)[0])
+            ours.append(session.run([first], {parent.input_name: parent.model_input(pixels)})[0])
+            theirs.append(parent.outputs_uint8(pixels)[first])
     except Exception as e:  # ORT has no common base exception
         raise ExportError(f"the converted model of {parent.path} does not run in ONNX Runtime: {_one_line(e)}") from e
     reference, derived = np.concatenate(theirs), np.concatenate(ours)
@@ -713,7 +735,7 @@ def _parity(parent: Bundle, model_path: Path, images: np.ndarray) -> dict[str, A
     return {
         "reference": "parent",
         "n_images": len(images),
-        "top1_agreement": float(np.mean(reference.argmax(1) == derived.argmax(1))),
+        "top1_agreement": float(np.mean(reference.argmax(-1) == derived.argmax(-1))),
         "max_abs_diff_logits": float(np.abs(reference - derived).max()),
         "logits_sqnr_db": round(10 * math.log10(max(signal, 1e-30) / max(noise, 1e-30)), 2),
     }

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -338,7 +339,7 @@ def derive_bundle(
         _copy_companion_files(parent, tmp)
         data = model if isinstance(model, bytes) else Path(model).read_bytes()
         atomic_write_bytes(tmp / MODEL_FILE, data)
-        _check_derived_model(tmp / MODEL_FILE, parent.input_name, parent.input_dtype)
+        _check_derived_model(tmp / MODEL_FILE, parent.input_name, parent.input_dtype, parent.output_names)
         manifest = copy.deepcopy(parent.manifest)
         manifest.pop("parity", None)
         manifest["metrics"] = {}
@@ -383,7 +384,8 @@ def _copy_companion_files(parent: Bundle, tmp: Path) -> None:
         atomic_write_bytes(_listed_file(tmp, name, parent.path), data)
 
 
-def _check_derived_model(path: Path, input_name: str, input_dtype: str) -> None:
+def _check_derived_model(path: Path, input_name: str, input_dtype: str,
+                         output_names: Sequence[str] = ("logits", "features")) -> None:
     """The derived model must load and keep the bundle's input (name and dtype) and outputs."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -394,10 +396,10 @@ def _check_derived_model(path: Path, input_name: str, input_dtype: str) -> None:
         raise ArtifactError(f"derived {MODEL_FILE}: ONNX Runtime cannot load it ({cause})") from e
     inputs = [i.name for i in session.get_inputs()]
     outputs = {o.name for o in session.get_outputs()}
-    missing = [name for name in ("logits", "features") if name not in outputs]
+    missing = [name for name in output_names if name not in outputs]
     if inputs != [input_name] or missing:
         raise ArtifactError(
-            f"derived {MODEL_FILE}: needs input {input_name!r} and outputs logits, features; "
+            f"derived {MODEL_FILE}: needs input {input_name!r} and outputs {', '.join(output_names)}; "
             f"has inputs {inputs} and outputs {sorted(outputs)}"
         )
     found = session.get_inputs()[0].type
