@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from lensforge.errors import UsageError
 from lensforge.tasks.torch_detection import TASK
-from lensforge.train import resolve_config
+from lensforge.train import resolve_config, train
 from lensforge.train.checkpoint import load_checkpoint
-from lensforge.train.detection.setup import resolve_detection
+from lensforge.train.detection.setup import auto_detection_batch, resolve_detection
 from lensforge.train.detection.trainer import train_detector
 
 TINY = dict(data="unused", model="fcos_tiny", batch_size=16, early_stopping=0)
@@ -23,6 +23,7 @@ def _cfg(tmp_path, name="run", **kw):
     return resolve_config(None, **{**TINY, "out": str(tmp_path / name), "epochs": 2, **kw})
 
 
+@pytest.mark.slow  # trains (tests/conftest.py finds lensforge.train.train, not train_detector)
 def test_training_writes_a_self_describing_detection_run(tmp_path, make_rectangles):
     source = make_rectangles(n=200, size=64)
     result = train_detector(_cfg(tmp_path, epochs=3, lr=3e-3), source=source, show_progress=False)
@@ -32,7 +33,7 @@ def test_training_writes_a_self_describing_detection_run(tmp_path, make_rectangl
         assert (run / name).exists(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and all(set(r) == ROW_KEYS for r in rows)
-    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]  # measured: 2.2 -> 1.3
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]  # measured: 2.41 -> 1.61 (val mAP@0.5 0.18)
     info = json.loads((run / "run.json").read_text())
     assert info["task"] == "detection" and info["status"] == "complete" and info["primary_metric"] == "map"
     assert info["preprocess"]["fit"] == "letterbox" and info["class_names"] == ["red", "green", "blue"]
@@ -49,6 +50,7 @@ def test_training_writes_a_self_describing_detection_run(tmp_path, make_rectangl
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model(x), result.model.eval()(x)))
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, make_rectangles):
     """Killed after epoch 1 (an exception from on_epoch_end), resumed to 2 == 2 straight, bit for bit."""
     source = make_rectangles(n=120, size=64)
@@ -74,10 +76,20 @@ def test_resume_continues_exactly(tmp_path, make_rectangles):
     assert stable(straight.history) == stable(resumed.history)
 
 
-def test_auto_choices_and_unsupported_options(tmp_path, make_rectangles):
+def test_train_dispatches_detection_data_to_the_detector_trainer(tmp_path):
+    cfg = resolve_config(None, data="builtin:shapes?task=detect&n=60&size=64", model="fcos_tiny", epochs=3,
+                         max_train_batches=2, time_limit_s=0.001, out=str(tmp_path / "run"))
+    result = train(cfg, show_progress=False)
+    assert result.primary_metric == "map" and result.resolved.model_name == "fcos_tiny"
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["task"] == "detection" and info["epochs_run"] == 1  # the time limit stopped it after one epoch
+
+
+def test_auto_choices_and_unsupported_options(make_rectangles):
     source = make_rectangles(n=20, size=100)
     resolved = resolve_detection(resolve_config(None, data="unused"), source)
     assert (resolved.model_name, resolved.pretrained, resolved.image_size) == ("fcos_tiny", None, 96)
+    assert [auto_detection_batch(n) for n in (None, 200, 2100, 5000)] == [32, 8, 16, 32]
     assert resolved.augment == "light" and resolved.hflip and resolved.transfer == "full"
     with pytest.raises(UsageError, match="mixup"):
         resolve_detection(resolve_config(None, data="unused", mixup=0.2), source)
