@@ -23,7 +23,7 @@ def test_help_lists_commands():
     (["train", "--data", "builtin:digits", "--model", "resnet181", "--out", "{tmp}/r"], "did you mean"),
     (["train", "--data", "builtin:digits", "--epochs", "0", "--out", "{tmp}/r"], "epochs"),
     (["train", "--data", "builtin:digitz", "--out", "{tmp}/r"], "unknown source"),
-    (["evaluate", "{tmp}/nothing"], "does not exist"),
+    (["evaluate", "{tmp}/nothing"], "no such file or folder"),
     (["predict", "{tmp}", "x.png"], "not a"),
     (["train", "--data", "builtin:digits", "--pretrained", "{tmp}/w.pth", "--model", "resnet10t", "--out", "{tmp}/r"],
      "no such file"),
