@@ -92,9 +92,9 @@ def pruned_at(model_name: str, size: int, ratio: float, args: argparse.Namespace
     """Random-weight model at ``size`` px, pruned with the same op (or ``round_to``): latency only."""
     import torch
 
-    from lensforge.models.prune import prune_model
     from lensforge.data.preprocess import Preprocess, normalize
     from lensforge.deploy.export import write_bundle
+    from lensforge.models.prune import prune_model
     from lensforge.models.registry import create_model
 
     torch.manual_seed(0)
