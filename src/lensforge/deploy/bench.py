@@ -263,15 +263,17 @@ class _TorchBackend:
         self._saved_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
         run = load_run(run_dir)
-        # uint8 in, normalised in the timed call: the same work a bundle's graph does
-        self.model = torch.nn.Sequential(Normalize(run.preprocess.mean, run.preprocess.std), run.model).eval()
+        # uint8 in, normalised in the timed call: the same work a bundle's graph does; the task's
+        # export module computes every output the bundle has, the first (logits) is compared
+        self.model = torch.nn.Sequential(Normalize(run.preprocess.mean, run.preprocess.std),
+                                         run.export_module()).eval()
 
     def step(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
         torch, model, tensor = self._torch, self.model, self._torch.from_numpy(batch)
 
         def run() -> np.ndarray:
             with torch.inference_mode():
-                return model(tensor).numpy()
+                return model(tensor)[0].numpy()
 
         return run
 
@@ -292,10 +294,11 @@ class _OrtBackend:
         fresh = Bundle(bundle.path, bundle.manifest, intra_op_num_threads=threads)
         self.precision = _precision(bundle)
         self.session, self.input_name, self.model_input = fresh.session, fresh.input_name, fresh.model_input
+        self.names = fresh.output_names  # every output is computed, as in use; the first is compared
 
     def step(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
-        session, feed = self.session, {self.input_name: self.model_input(batch)}
-        return lambda: session.run(["logits"], feed)[0]
+        session, feed, names = self.session, {self.input_name: self.model_input(batch)}, self.names
+        return lambda: session.run(names, feed)[0]
 
     def close(self) -> None:
         self.session = None
@@ -323,6 +326,7 @@ class _OpenVinoBackend:
         self._ov, self._core = ov, ov.Core()
         self._model = self._core.read_model(str(bundle.path / MODEL_FILE))
         self.input_name, self.model_input = bundle.input_name, bundle.model_input
+        self.first_output = bundle.output_names[0]
         self.precision = _precision(bundle)
         # f32 explicitly: OpenVINO would run bf16 on CPUs that have it, which is not what we compare
         self._config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
@@ -331,7 +335,7 @@ class _OpenVinoBackend:
     def step(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
         self._model.reshape({self.input_name: self._ov.PartialShape(list(batch.shape))})
         compiled = self._core.compile_model(self._model, "CPU", self._config)
-        request, logits = compiled.create_infer_request(), compiled.output("logits")
+        request, logits = compiled.create_infer_request(), compiled.output(self.first_output)
         feed = {self.input_name: self.model_input(batch)}
 
         def run() -> np.ndarray:
