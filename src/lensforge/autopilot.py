@@ -241,16 +241,22 @@ def _single_detection(data: str, out_dir: Path, *, model: str, epochs: int | Non
     report = write_report(out_dir)
     timings["report"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - started
+    summary = {"data": data, "bundle": str(bundle_dir), "report": str(report), "budget_s": round(budget_s, 1),
+               **_detection_summary(result, test, suite, timings)}
+    atomic_write_json(out_dir / "summary.json", summary)
+    return AutopilotResult(out_dir, summary)
+
+
+def _detection_summary(result: Any, test: dict[str, Any], suite: dict[str, Any],
+                       timings: dict[str, float]) -> dict[str, Any]:
     headline = {"map50_95": test.get("map"), **{k: test.get(k) for k in (
         "map50", "map75", "map_small", "map_medium", "map_large", "mar100", "precision", "recall", "f1",
         "score_threshold", "images", "objects", "evaluated")}}
     learned_nothing = (test.get("map50") or 0.0) < 0.01
-    summary = {
-        "task": "detection", "data": data, "model": result.resolved.model_name,
-        "image_size": result.resolved.image_size, "run": str(result.run_dir),
-        "metrics": {"test": headline, "val": {"map50_95": result.best_val_acc}},
-        "epochs_run": len(result.history), "bundle": str(bundle_dir), "report": str(report),
-        "budget_s": round(budget_s, 1), "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    return {
+        "task": "detection", "model": result.resolved.model_name, "image_size": result.resolved.image_size,
+        "run": str(result.run_dir), "metrics": {"test": headline, "val": {"map50_95": result.best_val_acc}},
+        "epochs_run": len(result.history), "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "stress": {"clean_map": (suite.get("clean") or {}).get("map"),
                    "mean_corruption_error": suite.get("mean_corruption_error"),
                    "box_stability": suite.get("stability")} if suite else {},
@@ -259,8 +265,6 @@ def _single_detection(data: str, out_dir: Path, *, model: str, epochs: int | Non
         **({"diagnosis": f"test mAP50 {headline['map50'] or 0:.3f}: the detector found almost nothing; train "
                          "longer (--time-budget) or check the labels"} if learned_nothing else {}),
     }
-    atomic_write_json(out_dir / "summary.json", summary)
-    return AutopilotResult(out_dir, summary)
 
 
 def _lr_find_first(cfg: Any, out_dir: Path, console: Console) -> dict[str, Any]:
