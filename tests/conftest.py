@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does: see lens
 import dis
 import importlib
 import inspect
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -126,6 +127,30 @@ def detection_run_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(resolve_config(None, data=DETECTION_DATA, model="fcos_tiny", epochs=3, out=str(out)), show_progress=False)
     export_run(out)
     return out
+
+
+def make_eager(run_dir: Path) -> Path:
+    """Set the run's bundle's shipped score threshold near zero (in place; the run must be a copy).
+
+    The tiny template run has learned little, and how little varies with the machine, so the
+    threshold it chose on validation may leave an image without a single detection. Tests of
+    geometry, formats and agreement need boxes, not good ones: this copy shows the top
+    ``max_detections`` of every image. The bundle's files and hashes are untouched.
+    """
+    manifest_path = run_dir / "bundle" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["detection"]["score_threshold"] = 0.001
+    manifest_path.write_text(json.dumps(manifest))
+    return run_dir
+
+
+@slow_fixture(scope="session")
+def eager_detection_run_template(detection_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``detection_run_template`` whose bundle shows detections on every image (see make_eager).
+
+    Read-only, like the template.
+    """
+    return make_eager(Path(shutil.copytree(detection_run_template, tmp_path_factory.mktemp("eager") / "run")))
 
 
 # ---------------------------------------------------------------------------- the slow tier

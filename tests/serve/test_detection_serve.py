@@ -25,8 +25,8 @@ DETECTIONS_LINE = re.compile(r'^lensforge_detections_total\{label="([^"]+)"\} ([
 
 
 @pytest.fixture(scope="module")
-def bundle_path(detection_run_template: Path) -> Path:
-    return detection_run_template / "bundle"  # only read: the app never writes into its bundle
+def bundle_path(eager_detection_run_template: Path) -> Path:
+    return eager_detection_run_template / "bundle"  # detections on every image (conftest.make_eager); only read
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,12 @@ STABILITY_KEYS = {"shifts_px", "score_threshold", "changed_per_clean_detection",
 
 
 @pytest.fixture(scope="module")
-def stressed(detection_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The bundle of a copy of the run, stressed with the quick suite on 20 test images: (run, corruptions.json)."""
-    run_dir = Path(shutil.copytree(detection_run_template, tmp_path_factory.mktemp("detect-stress") / "run"))
+def stressed(eager_detection_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The bundle of a copy of the run, stressed with the quick suite on 20 test images: (run, corruptions.json).
+
+    The copy shows detections on every image (conftest.make_eager), so box stability is measured on boxes.
+    """
+    run_dir = Path(shutil.copytree(eager_detection_run_template, tmp_path_factory.mktemp("detect-stress") / "run"))
     result = stress(run_dir / "bundle", cfg=StressConfig(suite="quick", max_images=20, stability=True),
                     show_progress=False)
     assert result.path == run_dir / "stress" / "corruptions.json"
