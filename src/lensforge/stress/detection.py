@@ -79,7 +79,7 @@ def stress_detector(artifact: Artifact, data: str | None = None, *, cfg: Any = N
     """The corruption suite and box stability of a detection run or bundle (see the module doc)."""
     from lensforge.errors import UsageError
     from lensforge.evaluate.runner import select_split
-    from lensforge.stress.suite import StressConfig, StressResult
+    from lensforge.stress.suite import StressConfig, StressResult, _auto_compare
 
     if reference is not None:
         raise UsageError("--reference (mCE against a reference model) is not built for detectors yet: drop it")
@@ -101,7 +101,7 @@ def stress_detector(artifact: Artifact, data: str | None = None, *, cfg: Any = N
     scales = [letterbox_scale(size, main.preprocess.input_size) for size in sizes]
     targets = original_targets(table, indices, main.class_names)
     models = {"target": main, **{str(p): open_detector(resolve_artifact(p, run_dir=main.run_dir), cfg.batch_size)
-                                 for p in (compare if compare is not None else _int8_variants(artifact))}}
+                                 for p in (compare if compare is not None else _auto_compare(artifact.path, main))}}
     results: dict[str, dict[str, Any]] = {name: {} for name in models}
     with StepProgress("stress", len(plan) + 1, enabled=show_progress) as advance:
         for name, model in models.items():
@@ -126,22 +126,6 @@ def stress_detector(artifact: Artifact, data: str | None = None, *, cfg: Any = N
     if json_out is not None:
         out = atomic_write_json(json_out, summary)
     return StressResult(summary, out)
-
-
-def _int8_variants(artifact: Artifact) -> list[Path]:
-    from lensforge.deploy.bundle import read_manifest
-
-    if artifact.run_dir is None or artifact.path.resolve() not in (artifact.run_dir.resolve(),
-                                                                   (artifact.run_dir / "bundle").resolve()):
-        return []
-    found = []
-    for bundle in sorted((artifact.run_dir / "variants").glob("*/bundle")):
-        try:
-            if read_manifest(bundle).get("precision") == "int8":
-                found.append(bundle)
-        except Exception:  # a damaged variant is compress's business, not the suite's
-            continue
-    return found
 
 
 def _table(scores: dict[str, dict[str, Any]], plan: list[tuple[str, int]]) -> dict[str, Any]:
